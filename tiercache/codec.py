@@ -1,0 +1,243 @@
+"""Block <-> bytes for the disk and remote tiers. No pickle anywhere.
+
+Frame layout (all integers little-endian):
+
+    header  (48 bytes)
+      magic        4s   b"TCKV"
+      version      u8   FORMAT_VERSION
+      codec        u8   CODEC_NONE | CODEC_ZSTD | CODEC_BYTEPLANE
+      itemsize     u8   element size of the KV dtype (1, 2 or 4)
+      reserved     u8
+      layout_fp    u64  xxh64 of KVLayout.fingerprint()
+      raw_len      u64  bytes of the decoded block
+      checksum     u64  xxh3_64 of the decoded block
+      nseg         u32  number of segments (one per layer)
+      header_crc   u32  low 32 bits of xxh32 over the bytes above
+      payload_len  u64  bytes after the segment table
+    segment table  nseg x (u32 encoded length, u64 xxh3_64 of the decoded segment)
+    segments       one per layer, so one layer decodes (and verifies) without the others
+
+A segment holds one layer's bytes. Under CODEC_BYTEPLANE its elements are split
+into byte planes: the high-order planes (sign, exponent, top of the mantissa:
+low entropy in KV) are zstd-compressed, the low-order planes (near-random
+mantissa bits) are stored raw, which is faster and smaller than zstd over the
+interleaved bytes. Each plane carries a mode byte and length, so a plane that
+does not shrink is stored raw. Any mismatch of magic, version, layout, lengths
+or checksum raises CorruptFrame: the caller turns it into a miss.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+import xxhash
+import zstandard
+
+from .errors import CorruptFrame
+
+MAGIC = b"TCKV"
+FORMAT_VERSION = 1
+CODEC_NONE, CODEC_ZSTD, CODEC_BYTEPLANE = 0, 1, 2
+CODEC_NAMES = {CODEC_NONE: "none", CODEC_ZSTD: "zstd", CODEC_BYTEPLANE: "byteplane"}
+_HEAD = struct.Struct("<4sBBBBQQQII")
+_PAYLOAD_LEN = struct.Struct("<Q")
+HEADER_BYTES = _HEAD.size + _PAYLOAD_LEN.size
+_PLANE = struct.Struct("<BI")  # mode (0 raw, 1 zstd), length
+_MODE_RAW, _MODE_ZSTD = 0, 1
+_ENTRY = struct.Struct("<IQ")
+
+
+def layout_fp64(fingerprint: str) -> int:
+    return xxhash.xxh64_intdigest(fingerprint.encode())
+
+
+def codec_for(compression: str, itemsize: int) -> int:
+    """Resolve CacheConfig.compression to a codec id for a dtype of `itemsize` bytes."""
+    if compression == "none":
+        return CODEC_NONE
+    if compression == "zstd" or (compression == "auto" and itemsize == 1):
+        return CODEC_ZSTD
+    if compression in ("auto", "byteplane"):
+        return CODEC_BYTEPLANE if itemsize > 1 else CODEC_ZSTD
+    raise ValueError(f"compression: expected one of ['auto', 'byteplane', 'zstd', 'none'], got {compression!r}")
+
+
+class BlockCodec:
+    """Encodes and decodes frames for one layout. Thread-safe (zstd contexts are per thread)."""
+
+    def __init__(self, fingerprint: str, itemsize: int, num_segments: int,
+                 compression: str = "auto", level: int = 1) -> None:
+        if itemsize not in (1, 2, 4):
+            raise ValueError(f"dtype: the codec handles 1-, 2- and 4-byte elements, got itemsize {itemsize}")
+        self.itemsize = itemsize
+        self.num_segments = num_segments
+        self.codec = codec_for(compression, itemsize)
+        self.layout_fp = layout_fp64(fingerprint)
+        self.level = level
+        self._local = threading.local()
+        # Planes compressed under BYTEPLANE: the upper half of each element's bytes.
+        self._zplanes = set(range(itemsize // 2, itemsize)) if itemsize > 1 else {0}
+        self._word = {1: np.uint8, 2: np.dtype("<u2"), 4: np.dtype("<u4")}[itemsize]
+
+    # -- zstd contexts are not thread-safe: one per thread --------------------------------
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    # -- encode ---------------------------------------------------------------------------
+    def _encode_segment(self, seg: np.ndarray) -> list[bytes]:
+        if self.codec == CODEC_NONE:
+            return [seg.tobytes()]
+        if self.codec == CODEC_ZSTD:
+            return [self._cctx().compress(seg)]
+        parts = []
+        words = seg.view(self._word)
+        for p in range(self.itemsize):
+            plane = (words >> (8 * p)).astype(np.uint8) if p else words.astype(np.uint8)
+            if p in self._zplanes:
+                z = self._cctx().compress(plane)
+                if len(z) < len(plane):
+                    parts += [_PLANE.pack(_MODE_ZSTD, len(z)), z]
+                    continue
+            parts += [_PLANE.pack(_MODE_RAW, len(plane)), plane.tobytes()]
+        return parts
+
+    def encode(self, block: np.ndarray | memoryview | bytes) -> bytes:
+        """Encode one block's raw bytes (a uint8 view of the canonical block tensor)."""
+        raw = np.frombuffer(block, dtype=np.uint8) if not isinstance(block, np.ndarray) else block.reshape(-1)
+        if raw.dtype != np.uint8:
+            raise TypeError(f"block: expected uint8 bytes, got {raw.dtype}")
+        if len(raw) % (self.num_segments * self.itemsize):
+            raise ValueError(f"block: {len(raw)} bytes do not split into {self.num_segments} layers "
+                             f"of {self.itemsize}-byte elements")
+        seg_len = len(raw) // self.num_segments
+        segs = [raw[i * seg_len:(i + 1) * seg_len] for i in range(self.num_segments)]
+        segments = [b"".join(self._encode_segment(seg)) for seg in segs]
+        table = b"".join(_ENTRY.pack(len(s), xxhash.xxh3_64_intdigest(seg)) for s, seg in zip(segments, segs))
+        payload_len = sum(len(s) for s in segments)
+        head = _HEAD.pack(MAGIC, FORMAT_VERSION, self.codec, self.itemsize, 0, self.layout_fp, len(raw),
+                          xxhash.xxh3_64_intdigest(raw), len(segments), 0)
+        head = head[:-4] + struct.pack("<I", xxhash.xxh32_intdigest(head[:-4]))
+        return b"".join([head, _PAYLOAD_LEN.pack(payload_len), table, *segments])
+
+    # -- decode ---------------------------------------------------------------------------
+    def _parse(self, frame: memoryview, expected_raw: int | None) -> tuple[int, int, list[tuple[int, int]]]:
+        if len(frame) < HEADER_BYTES:
+            raise CorruptFrame(f"frame of {len(frame)} bytes is shorter than the header")
+        magic, version, codec, itemsize, _, lfp, raw_len, checksum, nseg, hcrc = _HEAD.unpack_from(frame, 0)
+        if magic != MAGIC:
+            raise CorruptFrame("bad magic")
+        if xxhash.xxh32_intdigest(bytes(frame[:_HEAD.size - 4])) != hcrc:
+            raise CorruptFrame("header checksum mismatch")
+        if version != FORMAT_VERSION:
+            raise CorruptFrame(f"unsupported format version {version}")
+        if lfp != self.layout_fp:
+            raise CorruptFrame("frame was written for another KV layout")
+        if codec not in CODEC_NAMES or itemsize != self.itemsize or nseg != self.num_segments:
+            raise CorruptFrame("codec, element size or segment count does not match")
+        if expected_raw is not None and raw_len != expected_raw:
+            raise CorruptFrame(f"raw length {raw_len} != expected {expected_raw}")
+        (payload_len,) = _PAYLOAD_LEN.unpack_from(frame, _HEAD.size)
+        table_end = HEADER_BYTES + _ENTRY.size * nseg
+        if len(frame) != table_end + payload_len:
+            raise CorruptFrame(f"frame length {len(frame)} != {table_end + payload_len}")
+        entries = [_ENTRY.unpack_from(frame, HEADER_BYTES + i * _ENTRY.size) for i in range(nseg)]
+        if sum(e[0] for e in entries) != payload_len:
+            raise CorruptFrame("segment table does not add up to the payload length")
+        return codec, checksum, entries
+
+    def _decode_segment(self, codec: int, seg: memoryview, out: np.ndarray) -> None:
+        n = len(out)
+        try:
+            if codec == CODEC_NONE:
+                if len(seg) != n:
+                    raise CorruptFrame("raw segment length mismatch")
+                out[:] = np.frombuffer(seg, dtype=np.uint8)
+                return
+            if codec == CODEC_ZSTD:
+                data = self._dctx().decompress(seg, max_output_size=n)
+                if len(data) != n:
+                    raise CorruptFrame("zstd segment length mismatch")
+                out[:] = np.frombuffer(data, dtype=np.uint8)
+                return
+            words = out.view(self._word)
+            per_plane = len(words)
+            pos = 0
+            for p in range(self.itemsize):
+                if pos + _PLANE.size > len(seg):
+                    raise CorruptFrame("truncated plane header")
+                mode, length = _PLANE.unpack_from(seg, pos)
+                pos += _PLANE.size
+                body = seg[pos:pos + length]
+                pos += length
+                if len(body) != length:
+                    raise CorruptFrame("truncated plane")
+                if mode == _MODE_ZSTD:
+                    body = self._dctx().decompress(body, max_output_size=per_plane)
+                elif mode != _MODE_RAW:
+                    raise CorruptFrame(f"unknown plane mode {mode}")
+                if len(body) != per_plane:
+                    raise CorruptFrame("plane length mismatch")
+                plane = np.frombuffer(body, dtype=np.uint8)
+                if p == 0:
+                    words[:] = plane
+                else:
+                    words |= plane.astype(self._word) << (8 * p)
+            if pos != len(seg):
+                raise CorruptFrame("trailing bytes in segment")
+        except zstandard.ZstdError as e:
+            raise CorruptFrame(f"zstd: {e}") from None
+
+    def decode_into(self, frame: memoryview | bytes, out: np.ndarray) -> None:
+        """Decode a whole frame into `out` (a uint8 array of the raw length); verify the checksum."""
+        frame = memoryview(frame)
+        codec, checksum, entries = self._parse(frame, len(out))
+        seg_len = len(out) // len(entries)
+        pos = HEADER_BYTES + _ENTRY.size * len(entries)
+        for i, (n, seg_sum) in enumerate(entries):
+            dst = out[i * seg_len:(i + 1) * seg_len]
+            self._decode_segment(codec, frame[pos:pos + n], dst)
+            if xxhash.xxh3_64_intdigest(dst) != seg_sum:
+                raise CorruptFrame(f"checksum mismatch in layer {i}")
+            pos += n
+        if xxhash.xxh3_64_intdigest(out) != checksum:
+            raise CorruptFrame("checksum mismatch")
+
+    def decode(self, frame: memoryview | bytes, raw_len: int) -> np.ndarray:
+        out = np.empty(raw_len, dtype=np.uint8)
+        self.decode_into(frame, out)
+        return out
+
+    def decode_layer_into(self, frame: memoryview | bytes, layer: int, out: np.ndarray) -> None:
+        """Decode one layer's segment into `out` (uint8, raw_len // num_segments bytes).
+
+        Each segment carries its own checksum, so a layer is verified before anyone sees it.
+        """
+        frame = memoryview(frame)
+        codec, _, entries = self._parse(frame, len(out) * self.num_segments)
+        pos = HEADER_BYTES + _ENTRY.size * len(entries) + sum(e[0] for e in entries[:layer])
+        n, seg_sum = entries[layer]
+        self._decode_segment(codec, frame[pos:pos + n], out)
+        if xxhash.xxh3_64_intdigest(out) != seg_sum:
+            raise CorruptFrame(f"checksum mismatch in layer {layer}")
+
+
+def read_header(frame: memoryview | bytes) -> dict:
+    """Header fields of any frame (no layout needed)."""
+    frame = memoryview(frame)
+    if len(frame) < HEADER_BYTES:
+        raise CorruptFrame("frame shorter than the header")
+    magic, version, codec, itemsize, _, lfp, raw_len, checksum, nseg, _ = _HEAD.unpack_from(frame, 0)
+    return {"magic": magic, "version": version, "codec": CODEC_NAMES.get(codec, str(codec)),
+            "itemsize": itemsize, "layout_fp": lfp, "raw_len": raw_len, "segments": nseg,
+            "frame_len": len(frame)}

@@ -1,0 +1,117 @@
+"""Handles for work that finishes later: a prefetch, and a layer-by-layer load.
+
+PrefetchHandle.wait() returns the tokens of the prefix now in memory tiers and
+counts the prefetch as `ready` (it was done before anyone waited) or `late`
+(the caller had to wait). A prefetch refused because too many are queued is
+`dropped` and its handle is complete at once with 0 tokens.
+
+LayerLoad is what layer-wise attention needs: `num_tokens` is fixed when the
+load starts; a background worker brings layer 0 of every prefix block, then
+layer 1, and so on; `wait_layer(i)` blocks only until layer i is in place and
+counts the time compute stalled (`tiercache_prefetch_wait_seconds`). If a
+block turns out corrupt or vanished mid-way, `wait_layer` raises
+KVUnavailable: the caller recomputes instead (layers already handed out
+cannot be taken back, so the whole load fails rather than shrinks).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from .errors import TierCacheError
+from .stats import Recorder
+
+
+class KVUnavailable(TierCacheError):
+    """A layer-wise load could not deliver a layer (corrupt or evicted block)."""
+
+
+class PrefetchHandle:
+    def __init__(self, future: Future | None, recorder: Recorder, dropped: bool = False) -> None:
+        self._future = future
+        self._recorder = recorder
+        self._counted = dropped
+        self._result = 0 if dropped else None
+        if dropped:
+            recorder.prefetch("dropped")
+
+    @property
+    def dropped(self) -> bool:
+        return self._future is None
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the prefetch finished; tokens of the cached prefix now in memory tiers."""
+        if self._future is None:
+            return 0
+        if not self._counted:
+            self._counted = True
+            self._recorder.prefetch("ready" if self._future.done() else "late")
+        return self._future.result(timeout)
+
+
+class LayerLoad:
+    def __init__(self, out: torch.Tensor, num_tokens: int, recorder: Recorder,
+                 cuda_events: bool = False) -> None:
+        self.out = out
+        self.num_tokens = num_tokens
+        self.num_layers = out.shape[0]
+        self._recorder = recorder
+        self._ready = [threading.Event() for _ in range(self.num_layers)]
+        self._cuda = [None] * self.num_layers if cuda_events else None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self.stall_seconds = 0.0
+        self._finalizers: list[Callable[[], None]] = []
+
+    # -- worker side ---------------------------------------------------------------------
+    def layer_ready(self, i: int, event: torch.cuda.Event | None = None) -> None:
+        if self._cuda is not None:
+            self._cuda[i] = event
+        self._ready[i].set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        for e in self._ready:
+            e.set()
+        self._done.set()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    # -- consumer side -------------------------------------------------------------------
+    def wait_layer(self, i: int, timeout: float | None = None) -> torch.Tensor:
+        """Layer i of the prefix, [planes, num_tokens, heads, head_dim]; blocks only until it is in place."""
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"layer: expected 0..{self.num_layers - 1}, got {i}")
+        t0 = time.perf_counter()
+        ev = self._ready[i]
+        if not ev.is_set():
+            if not ev.wait(timeout):
+                raise TimeoutError(f"layer {i} not loaded within {timeout}s")
+        if self._error is not None:
+            raise KVUnavailable(f"layer {i} could not be loaded: {self._error}") from self._error
+        if self._cuda is not None and self._cuda[i] is not None:
+            torch.cuda.current_stream().wait_event(self._cuda[i])  # the device waits, not the host
+        stalled = time.perf_counter() - t0
+        self.stall_seconds += stalled
+        self._recorder.prefetch_wait(stalled)
+        return self.out[i]
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """Every layer; the whole [L, planes, n, H, D] prefix."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"layer-wise load not finished within {timeout}s")
+        if self._error is not None:
+            raise KVUnavailable(str(self._error)) from self._error
+        return self.out
+
+    def done(self) -> bool:
+        return self._done.is_set()

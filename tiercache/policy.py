@@ -1,0 +1,233 @@
+"""Eviction and admission policies: pure Python, no torch, no bytes moved.
+
+An eviction policy tracks the keys a tier holds and names victims:
+
+    insert(key)  a key entered the tier
+    touch(key)   a key was read
+    remove(key)  a key left the tier for another reason
+    victims(n, protected) -> list | None
+                 exactly n keys to evict, none of them in `protected`
+                 (blocks being read or written), or None if that is impossible;
+                 atomic: the caller removes what it is given, or nothing changes.
+
+Policies are chosen by name from EVICTION_POLICIES / ADMISSION_POLICIES, whose
+errors list the valid names.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Container, Hashable
+
+Key = Hashable
+
+
+class EvictionPolicy:
+    name = ""
+
+    def insert(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def touch(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def remove(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def victims(self, n: int, protected: Container[Key] = ()) -> list | None:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __contains__(self, key: object) -> bool:
+        raise NotImplementedError
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used first."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def insert(self, key: Key) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, key: Key) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self._order.pop(key, None)
+
+    def victims(self, n: int, protected: Container[Key] = ()) -> list | None:
+        if n <= 0:
+            return []
+        out = []
+        for key in self._order:  # oldest first
+            if key not in protected:
+                out.append(key)
+                if len(out) == n:
+                    return out
+        return None
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+
+class FIFOPolicy(LRUPolicy):
+    """First in, first out: reads do not refresh a key."""
+
+    name = "fifo"
+
+    def touch(self, key: Key) -> None:
+        pass
+
+
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO and a ghost set.
+
+    New keys enter `small`; a key read again while in `small` moves to `main` when
+    it reaches the head, otherwise it is evicted and remembered in `ghost`; a key
+    re-inserted while remembered goes straight to `main`. `main` gives keys with
+    a nonzero frequency another round (frequency capped at 3).
+    """
+
+    name = "s3fifo"
+
+    def __init__(self, small_ratio: float = 0.1) -> None:
+        self._small: OrderedDict[Key, None] = OrderedDict()
+        self._main: OrderedDict[Key, None] = OrderedDict()
+        self._ghost: OrderedDict[Key, None] = OrderedDict()
+        self._freq: dict[Key, int] = {}
+        self._small_ratio = small_ratio
+
+    def insert(self, key: Key) -> None:
+        if key in self._freq:
+            self.touch(key)
+            return
+        self._freq[key] = 0
+        if key in self._ghost:
+            del self._ghost[key]
+            self._main[key] = None
+        else:
+            self._small[key] = None
+
+    def touch(self, key: Key) -> None:
+        if key in self._freq:
+            self._freq[key] = min(self._freq[key] + 1, 3)
+
+    def remove(self, key: Key) -> None:
+        if self._freq.pop(key, None) is not None:
+            self._small.pop(key, None)
+            self._main.pop(key, None)
+
+    def victims(self, n: int, protected: Container[Key] = ()) -> list | None:
+        if n <= 0:
+            return []
+        # Simulate on copies so the call is atomic: commit only if n victims are found.
+        small, main, freq = OrderedDict(self._small), OrderedDict(self._main), dict(self._freq)
+        out: list = []
+        total = len(small) + len(main)
+        rounds = 0
+        while len(out) < n and rounds < 4 * total + 4:
+            rounds += 1
+            take_small = small and (len(small) >= self._small_ratio * (len(small) + len(main)) or not main)
+            queue = small if take_small else main
+            if not queue:
+                break
+            key, _ = queue.popitem(last=False)
+            if key in protected:
+                queue[key] = None  # skip: back to the tail, untouched
+                continue
+            if take_small and freq[key] > 0:
+                freq[key] = 0
+                main[key] = None
+            elif not take_small and freq[key] > 0:
+                freq[key] -= 1
+                main[key] = None
+            else:
+                out.append(key)
+        if len(out) < n:
+            return None
+        self._small, self._main, self._freq = small, main, freq
+        for key in out:
+            del self._freq[key]
+            self._ghost[key] = None
+        while len(self._ghost) > max(16, len(self._freq)):
+            self._ghost.popitem(last=False)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._freq)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._freq
+
+
+EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRUPolicy,
+    "fifo": FIFOPolicy,
+    "s3fifo": S3FIFOPolicy,
+}
+
+
+def make_eviction_policy(name: str) -> EvictionPolicy:
+    try:
+        return EVICTION_POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"eviction: expected one of {sorted(EVICTION_POLICIES)}, got {name!r}") from None
+
+
+class AdmissionPolicy:
+    """Decides whether a block offered to a (slow) tier is written there."""
+
+    name = ""
+
+    def admit(self, key: Key) -> bool:
+        raise NotImplementedError
+
+
+class AdmitAll(AdmissionPolicy):
+    name = "all"
+
+    def admit(self, key: Key) -> bool:
+        return True
+
+
+class SecondHit(AdmissionPolicy):
+    """Admit a key the second time it is offered; remembers up to `memory` keys seen once."""
+
+    name = "second_hit"
+
+    def __init__(self, memory: int = 1 << 20) -> None:
+        self._seen: OrderedDict[Key, None] = OrderedDict()
+        self._memory = memory
+
+    def admit(self, key: Key) -> bool:
+        if key in self._seen:
+            del self._seen[key]
+            return True
+        self._seen[key] = None
+        if len(self._seen) > self._memory:
+            self._seen.popitem(last=False)
+        return False
+
+
+ADMISSION_POLICIES: dict[str, Callable[[], AdmissionPolicy]] = {
+    "all": AdmitAll,
+    "second_hit": SecondHit,
+}
+
+
+def make_admission_policy(name: str) -> AdmissionPolicy:
+    try:
+        return ADMISSION_POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"admission: expected one of {sorted(ADMISSION_POLICIES)}, got {name!r}") from None

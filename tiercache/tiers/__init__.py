@@ -1,0 +1,1 @@
+"""Storage tiers. Each owns its own state; only the manager knows several."""
