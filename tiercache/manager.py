@@ -71,7 +71,7 @@ class TierCache(LoadPath):
         self.remote = None
         if cfg.remote_url:
             from .tiers.remote import RemoteTier
-            self.remote = RemoteTier(cfg.remote_url, log=self._log)
+            self.remote = RemoteTier(cfg.remote_url, log=self._log)  # codec and recorder are set below
         self.tiers = tuple(t for t in ("device", "host", "disk", "remote")
                            if t in self.pools or (t == "disk" and self.disk) or (t == "remote" and self.remote))
         self.metrics = None
@@ -82,6 +82,8 @@ class TierCache(LoadPath):
         self.recorder = Recorder(self.tiers, self.metrics)
         self.codec = BlockCodec(layout.fingerprint(), layout.itemsize, layout.num_layers,
                                 cfg.compression, cfg.zstd_level)
+        if self.remote is not None:
+            self.remote.codec, self.remote.recorder = self.codec, self.recorder
         self.engine = TransferEngine(cfg.device, cfg.io_threads)
         self._io = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="tiercache-io")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-prefetch")
@@ -183,23 +185,25 @@ class TierCache(LoadPath):
         write_back = self.cfg.write_policy == "write_back"
         order = [t for t in MEMORY_TIERS if t in self.pools]
         targets = order[:1] if write_back else order
+        # What the disk already holds (one snapshot; outside the lock: LMDB readers never block)
+        on_disk = self.disk.count_each(keys) if self.disk is not None else [False] * len(keys)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         spills: list[tuple[str, BlockKey, int, Any]] = []  # (tier, key, slot, tag) evicted under write-back
         reserved: list[tuple[str, BlockKey]] = []
-        present = [False] * len(keys)
-        new_keys: list[int] = []
+        present = list(on_disk)   # block i is cached (or committed to be) after this call
+        new: list[int] = []       # blocks no tier held before this call
         with self._lock:
             for i, k in enumerate(keys):
                 have = [t for t, p in self.pools.items() if k in p]
                 for t in have:
                     self.pools[t].touch(k)
-                on_disk_soon = k in self._pending or k in self._on_disk_queued
-                if have or on_disk_soon:
-                    present[i] = True
                 if have:
+                    present[i] = True
                     continue
-                src = kv[:, :, i * B:(i + 1) * B]
-                placed = False
+                if k in self._pending:
+                    present[i] = True
+                elif not on_disk[i]:
+                    new.append(i)
                 for t in targets:
                     r = self.pools[t].reserve(k, ns_id)
                     if r is None:
@@ -209,53 +213,43 @@ class TierCache(LoadPath):
                         spills += [(t, *e) for e in evicted]
                     else:
                         self.recorder.evicted(t, len(evicted))
-                    copies.append((self.pools[t].view(slot), src))
+                    copies.append((self.pools[t].view(slot), kv[:, :, i * B:(i + 1) * B]))
                     reserved.append((t, k))
-                    placed = True
-                if placed or on_disk_soon:
                     present[i] = True
-                new_keys.append(i)
         # Under write-back, victims move down before their slots are overwritten.
         for tier, vkey, slot, tag in spills:
             self._spill(tier, vkey, slot, tag)
-        handle = self.engine.copy(copies)
         try:
-            handle.wait()
+            self.engine.copy(copies).wait()
         except BaseException:
             with self._lock:
                 for t, k in reserved:
                     self.pools[t].abort(k)
             raise
         seconds = time.perf_counter() - t0
+        per_tier: dict[str, int] = {}
         with self._lock:
             for t, k in reserved:
                 self.pools[t].commit(k)
-        per_tier: dict[str, int] = {}
-        for t, _ in reserved:
-            per_tier[t] = per_tier.get(t, 0) + 1
+                per_tier[t] = per_tier.get(t, 0) + 1
         for t, n in per_tier.items():
             self.recorder.stored(t, n * self.layout.block_bytes, seconds)
+        # New blocks go down: to the disk under write-through (under write-back only if no memory
+        # tier took them), and always to the remote tier.
         reserved_keys = {k for _, k in reserved}
-        # Queue new blocks for the disk (write-through always; write-back only if no memory tier took them).
-        if self._writer is not None or self.remote is not None:
-            for i in new_keys:
-                k = keys[i]
-                if self.disk is not None and (not write_back or k not in reserved_keys):
-                    if self._offer_disk(k, kv[:, :, i * B:(i + 1) * B], ns_id):
-                        present[i] = True
-                if self.remote is not None:
-                    self.remote.put_async(k, lambda i=i: self._encode_tensor(kv[:, :, i * B:(i + 1) * B]),
-                                          self.recorder)
-        stored_new = sum(1 for i in new_keys if present[i])
-        self.recorder.stored_tokens(stored_new * B)
+        for i in new:
+            k, src = keys[i], kv[:, :, i * B:(i + 1) * B]
+            if self._writer is not None and (not write_back or k not in reserved_keys):
+                if self._offer_disk(k, src, ns_id):
+                    present[i] = True
+            if self.remote is not None:
+                self.remote.put_async(k, src)
+        self.recorder.stored_tokens(sum(1 for i in new if present[i]) * B)
         self._update_usage()
         n = 0
         while n < len(present) and present[n]:
             n += 1
         return n * B
-
-    def _encode_tensor(self, block: torch.Tensor) -> bytes:
-        return self.codec.encode(block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def _ns_id(self, ns: Namespace) -> bytes:
         ns_id = self._hasher.namespace_digest(ns)[:8]

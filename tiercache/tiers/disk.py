@@ -39,8 +39,13 @@ PAGE = 4096
 ENTRY_OVERHEAD = 256  # b-tree entries for meta, atime and the key, per block (estimate)
 
 
+INLINE_MAX = 2000  # LMDB keeps values up to about half a page inside the leaf page
+
+
 def charged_bytes(frame_len: int) -> int:
-    """What a frame costs against disk_bytes: its overflow pages plus index entries."""
+    """What a frame costs against disk_bytes: its overflow pages (or inline size) plus index entries."""
+    if frame_len <= INLINE_MAX:
+        return frame_len + ENTRY_OVERHEAD
     return -(-frame_len // PAGE) * PAGE + ENTRY_OVERHEAD
 
 
