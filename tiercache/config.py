@@ -38,7 +38,6 @@ _ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "f
             "fp8_e5m2": "float8_e5m2"}
 
 WRITE_POLICIES = ("write_through", "write_back")
-ADMISSIONS = ("all", "second_hit")
 HASH_ALGOS = ("xxh3_128", "blake2b")
 COMPRESSIONS = ("auto", "byteplane", "zstd", "none")
 
@@ -169,6 +168,7 @@ class CacheConfig:
     write_queue_blocks: int = 1024
     io_threads: int = 2
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -191,11 +191,11 @@ class CacheConfig:
         if self.remote_url is not None and (not isinstance(self.remote_url, str)
                                             or not self.remote_url.startswith(("redis://", "rediss://", "unix://"))):
             raise ValueError(f"remote_url: expected None or a URL like 'redis://host:6379/0', got {self.remote_url!r}")
-        for name, allowed in (("write_policy", WRITE_POLICIES), ("admission", ADMISSIONS),
+        from .policy import ADMISSION_POLICIES, EVICTION_POLICIES
+        for name, allowed in (("write_policy", WRITE_POLICIES), ("admission", tuple(ADMISSION_POLICIES)),
                               ("hash_algo", HASH_ALGOS), ("compression", COMPRESSIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
-        from .policy import EVICTION_POLICIES
         if self.eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction: expected one of {sorted(EVICTION_POLICIES)}, got {self.eviction!r}")
         if self.hash_algo == "blake2b":
@@ -218,6 +218,9 @@ class CacheConfig:
                                               or not isinstance(self.metrics_port, int)
                                               or not 0 <= self.metrics_port <= 65535):
             raise ValueError(f"metrics_port: expected None or a port in 0..65535, got {self.metrics_port!r}")
+        if not isinstance(self.metrics_addr, str) or not self.metrics_addr:
+            raise ValueError(f"metrics_addr: expected an address like '127.0.0.1' or '0.0.0.0', "
+                             f"got {self.metrics_addr!r}")
         if self.device.type != "cpu" and self.device_bytes and not torch.cuda.is_available() \
                 and self.device.type == "cuda":
             raise ValueError(f"device: {self.device} requested but CUDA is not available")

@@ -64,7 +64,7 @@ def summarize(path: str) -> dict:
             ],
         }
     finally:
-        disk.env.close()
+        disk.close()
     return out
 
 

@@ -51,10 +51,19 @@ class PrefetchHandle:
         """Block until the prefetch finished; tokens of the cached prefix now in memory tiers."""
         if self._future is None:
             return 0
-        if not self._counted:
-            self._counted = True
-            self._recorder.prefetch("ready" if self._future.done() else "late")
-        return self._future.result(timeout)
+        if self._counted:
+            return self._future.result(timeout)
+        self._counted = True
+        if self._future.done():
+            self._recorder.prefetch("ready")
+            return self._future.result()
+        t0 = time.perf_counter()
+        try:
+            return self._future.result(timeout)
+        finally:
+            # the caller needed this KV and had to wait: that is a stall
+            self._recorder.prefetch("late")
+            self._recorder.prefetch_wait(time.perf_counter() - t0)
 
 
 class LayerLoad:

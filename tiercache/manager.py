@@ -77,7 +77,10 @@ class TierCache(LoadPath):
         self.metrics = None
         self._exporter = None
         if registry is not None or cfg.metrics_port is not None or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from .metrics import PromMetrics
+            from .metrics import PromMetrics, is_multiprocess
+            if registry is None and cfg.metrics_port is not None and not is_multiprocess():
+                from prometheus_client import CollectorRegistry
+                registry = CollectorRegistry()  # private: what the exporter below serves
             self.metrics = PromMetrics(self.tiers, registry=registry)
         self.recorder = Recorder(self.tiers, self.metrics)
         self.codec = BlockCodec(layout.fingerprint(), layout.itemsize, layout.num_layers,
@@ -101,7 +104,12 @@ class TierCache(LoadPath):
         self._update_usage()
         if cfg.metrics_port is not None:
             from .metrics import start_exporter
-            self._exporter = start_exporter(cfg.metrics_port, registry=registry)
+            self._exporter = start_exporter(cfg.metrics_port, registry=registry, addr=cfg.metrics_addr)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the exporter is bound to (useful with metrics_port=0), or None."""
+        return self._exporter[2] if self._exporter is not None else None
 
     # -- keys ----------------------------------------------------------------------------
     def _namespace(self, salt: Any) -> Namespace:
@@ -378,7 +386,8 @@ class TierCache(LoadPath):
             if self.disk is not None:
                 self.disk.close()
             if self._exporter is not None:
-                self._exporter[0].shutdown()
+                from .metrics import stop_exporter
+                stop_exporter(self._exporter[0], self._exporter[1])
             if self.metrics is not None:
                 self.metrics.close()
 

@@ -57,8 +57,14 @@ class DiskTier:
         os.makedirs(path, exist_ok=True)
         # Room for MVCC copies and free-list fragmentation above the byte bound.
         map_size = max(int(capacity_bytes * 1.25) + (64 << 20), 64 << 20)
-        self.env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
-                             readahead=True, sync=False, metasync=False, lock=True, max_readers=1024)
+        self.env = _open_env(path, map_size, readonly)
+        try:
+            self._open_dbs(readonly)
+        except BaseException:
+            _release_env(self.env)
+            raise
+
+    def _open_dbs(self, readonly: bool) -> None:
         self._blocks = self.env.open_db(b"blocks", create=not readonly)
         self._meta = self.env.open_db(b"meta", create=not readonly)
         self._atime = self.env.open_db(b"atime", create=not readonly)
@@ -277,17 +283,50 @@ class DiskTier:
         return json.loads(raw) if raw else None
 
     def close(self) -> None:
-        try:
-            self.env.sync(True)
-        finally:
-            self.env.close()
+        _release_env(self.env)
+
+
+# LMDB forbids opening one environment twice in a process; caches on the same path share it.
+_ENVS: dict[str, list] = {}  # realpath -> [env, refcount]
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
+    real = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(real)
+        if entry is not None:
+            entry[1] += 1
+            env = entry[0]
+            if not readonly and env.info()["map_size"] < map_size:
+                env.set_mapsize(map_size)
+            return env
+        env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
+                        readahead=True, sync=False, metasync=False, lock=True, max_readers=1024)
+        _ENVS[real] = [env, 1]
+        return env
+
+
+def _release_env(env: lmdb.Environment) -> None:
+    with _ENVS_LOCK:
+        for real, entry in list(_ENVS.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _ENVS[real]
+                    try:
+                        env.sync(True)
+                    except lmdb.Error:
+                        pass  # read-only environments cannot sync
+                    env.close()
+                return
 
 
 def open_existing(path: str, readonly: bool = True) -> DiskTier:
     """Open a store with the layout it records (for `tiercache inspect`); ValueError if none is there."""
     if not os.path.exists(os.path.join(path, "data.mdb")):
         raise ValueError(f"path: no tiercache disk store at {path} (no data.mdb)")
-    env = lmdb.open(path, readonly=True, max_dbs=8, subdir=True, lock=True)
+    env = _open_env(path, 0, readonly=True)
     try:
         with env.begin() as txn:
             if txn.get(b"info") is None:
@@ -296,7 +335,7 @@ def open_existing(path: str, readonly: bool = True) -> DiskTier:
         with env.begin(db=info_db) as txn:
             raw = txn.get(b"layout")
     finally:
-        env.close()
+        _release_env(env)
     if raw is None:
         raise ValueError(f"path: {path} holds no layout record; not a tiercache store")
     layout = KVLayout(**json.loads(raw))

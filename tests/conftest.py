@@ -1,0 +1,59 @@
+"""Shared fixtures: small layouts, LMDB stores under tmp_path, the cuda marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiercache import CacheConfig, KVLayout, TierCache
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, block_size=4)
+
+
+def make_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if layout.dtype.is_floating_point and layout.itemsize > 1:
+        return torch.randn(layout.kv_shape(num_tokens), generator=g).to(layout.dtype)
+    raw = torch.randint(0, 256, (*layout.kv_shape(num_tokens), layout.itemsize), generator=g, dtype=torch.uint8)
+    return raw.view(layout.dtype).reshape(layout.kv_shape(num_tokens))
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaN payloads included), not merely equal."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture
+def make_cache(tmp_path, layout):
+    """Factory: make_cache(host_blocks=3, disk=True, **cfg) -> TierCache, closed at teardown."""
+    made = []
+
+    def factory(host_blocks: int | None = 4, device_blocks: int = 0, disk: bool = True, lay: KVLayout | None = None,
+                **kw):
+        lay = lay or layout
+        cfg = CacheConfig(layout=lay, model_id=kw.pop("model_id", "test-model"),
+                          host_bytes=(host_blocks or 0) * lay.block_bytes,
+                          device_bytes=device_blocks * lay.block_bytes,
+                          disk_path=kw.pop("disk_path", str(tmp_path / "store")) if disk else None,
+                          disk_bytes=kw.pop("disk_bytes", "64MiB"), **kw)
+        c = TierCache(cfg)
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        c.close()

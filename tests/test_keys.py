@@ -1,0 +1,92 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tiercache.keys import BlockKey, KeyHasher, Namespace, tokens_to_array
+
+NS = Namespace("model", "L2-P2-B4-H2-D8-bfloat16")
+
+
+def keys(tokens, ns=NS, algo="xxh3_128", secret=None, block=4):
+    return KeyHasher(algo, secret).block_keys(tokens, block, ns)
+
+
+def test_containers_give_identical_keys():
+    toks = [5, 9, 100_000, 3, 7, 1, 2, 8, 6]
+    k_list = keys(toks)
+    assert k_list == keys(np.array(toks, dtype=np.int32))
+    assert k_list == keys(np.array(toks, dtype=np.uint32))
+    assert k_list == keys(torch.tensor(toks, dtype=torch.int64))
+    assert k_list == keys(torch.tensor(toks, dtype=torch.int32))
+    assert k_list == keys(tuple(toks))
+    assert len(k_list) == 2  # 9 tokens: two full blocks, the partial one gets no key
+    assert all(isinstance(k, BlockKey) and len(k) == 16 for k in k_list)
+
+
+def test_chain_is_prefix_stable_and_position_dependent():
+    a = keys(list(range(12)))
+    b = keys(list(range(8)) + [99, 98, 97, 96])
+    assert a[:2] == b[:2] and a[2] != b[2]
+    # the same block content at another position gets another key
+    c = keys([0, 1, 2, 3, 0, 1, 2, 3])
+    assert c[0] != c[1]
+
+
+def test_golden_value_is_stable():
+    # Keys must never change between releases: stored blocks would become unreachable.
+    k = keys([1, 2, 3, 4], ns=Namespace("golden", "L1-P2-B4-H1-D1-bfloat16"))
+    assert k[0].hex() == GOLDEN
+
+
+GOLDEN = "983ecd599318355570a23118c33ef0de"  # xxh3_128 chain of v1 keys; changing it orphans every store
+
+
+def test_namespace_isolation():
+    toks = list(range(8))
+    base = keys(toks)
+    for ns in (Namespace("other", NS.layout_fingerprint), Namespace("model", "L2-P2-B4-H2-D8-float16"),
+               Namespace("model", NS.layout_fingerprint, tp_rank=1, tp_size=2),
+               Namespace("model", NS.layout_fingerprint, salt="tenant-a"),
+               Namespace("model", NS.layout_fingerprint, weights_revision="v2")):
+        assert keys(toks, ns=ns)[0] != base[0]
+
+
+def test_blake2b_keyed():
+    toks = list(range(8))
+    a = keys(toks, algo="blake2b", secret=b"s" * 32)
+    assert a == keys(toks, algo="blake2b", secret=b"s" * 32)
+    assert a != keys(toks, algo="blake2b", secret=b"t" * 32)
+    assert a != keys(toks)
+
+
+def test_keys_identical_across_processes():
+    code = ("from tiercache.keys import KeyHasher, Namespace;"
+            "print(','.join(k.hex() for k in KeyHasher().block_keys(list(range(20)), 4, "
+            "Namespace('model', 'L2-P2-B4-H2-D8-bfloat16'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
+    assert out == ",".join(k.hex() for k in keys(list(range(20))))
+
+
+@pytest.mark.parametrize("bad,exc", [
+    ([1.5, 2.0], TypeError), ("abcd", TypeError), (np.zeros((2, 2), dtype=np.int64), ValueError),
+    (torch.zeros(4), TypeError), ([True, False], TypeError), (5, TypeError), ([2**70], ValueError),
+    (np.array([2**64 - 1], dtype=np.uint64), ValueError),
+])
+def test_bad_tokens(bad, exc):
+    with pytest.raises(exc, match="tokens"):
+        tokens_to_array(bad)
+
+
+def test_large_ids_hash_as_int64():
+    toks = [2**40, 2**62, 1, 2]
+    assert keys(toks) == keys(np.array(toks, dtype=np.int64))
+    assert tokens_to_array(toks).dtype == np.dtype("<i8")
+
+
+def test_blockkey_type():
+    with pytest.raises(ValueError, match="BlockKey"):
+        BlockKey(b"short")
