@@ -1,0 +1,184 @@
+"""Restarts, other processes, corrupt frames, a full map: nothing lost, nothing wrong, nothing crashes."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import lmdb
+import pytest
+import torch
+
+from tiercache import CacheConfig, KVLayout, TierCache
+from tiercache.tiers.disk import DiskTier
+
+from .conftest import make_kv, same_bytes
+
+LAYOUT = dict(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_size=4)
+
+
+def run_py(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+
+
+def test_restart_in_a_new_process_loads_bit_exact(tmp_path, layout):
+    path = tmp_path / "store"
+    # another process stores, then exits
+    run_py(f"""
+        import torch
+        from tiercache import TierCache, CacheConfig, KVLayout
+        from tests.conftest import make_kv
+        lay = KVLayout(**{LAYOUT!r})
+        with TierCache(CacheConfig(layout=lay, model_id="m", disk_path={str(path)!r})) as c:
+            assert c.store(list(range(37)), make_kv(lay, 37, seed=7)) == 36
+    """)
+    with TierCache(CacheConfig(layout=layout, model_id="m", host_bytes="1MiB", disk_path=path)) as c:
+        assert c.lookup(list(range(37))) == 36
+        assert c.lookup_by_tier(list(range(37))) == {"host": 0, "disk": 36}
+        assert same_bytes(c.load(list(range(37))), make_kv(layout, 37, seed=7)[:, :, :36])
+
+
+def test_two_processes_share_one_store(tmp_path, layout):
+    path = tmp_path / "store"
+    script = f"""
+        import sys
+        from tiercache import TierCache, CacheConfig, KVLayout
+        from tests.conftest import make_kv
+        lay = KVLayout(**{LAYOUT!r})
+        i = int(sys.argv[1])
+        with TierCache(CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path={str(path)!r})) as c:
+            for j in range(20):
+                c.store(list(range(i * 10000 + j * 100, i * 10000 + j * 100 + 16)), make_kv(lay, 16, seed=i * 100 + j))
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i)]) for i in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with TierCache(CacheConfig(layout=layout, model_id="m", host_bytes=0, disk_path=path)) as c:
+        for i in range(2):
+            for j in range(20):
+                t = list(range(i * 10000 + j * 100, i * 10000 + j * 100 + 16))
+                assert same_bytes(c.load(t), make_kv(layout, 16, seed=i * 100 + j))
+        assert c.stats()["blocks"]["disk"] == 2 * 20 * 4
+
+
+def _frames(path):
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    db = env.open_db(b"blocks")
+    with env.begin(db=db) as txn:
+        items = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+    return env, db, items
+
+
+@pytest.mark.parametrize("where", ["header", "table", "payload", "last", "truncate", "garbage"])
+def test_corrupt_frames_become_misses(tmp_path, layout, where):
+    path = tmp_path / "store"
+    kv = make_kv(layout, 16)
+    cfg = CacheConfig(layout=layout, model_id="m", host_bytes=0, disk_path=path)
+    with TierCache(cfg) as c:
+        c.store(list(range(16)), kv)
+        keys = c.keys(list(range(16)))
+    env, db, items = _frames(path)
+    victim = keys[2]                      # corrupt the third block of the prefix
+    frame = bytearray(dict(items)[victim])
+    if where == "header":
+        frame[12] ^= 0xFF
+    elif where == "table":
+        frame[50] ^= 0x01
+    elif where == "payload":
+        frame[len(frame) // 2] ^= 0x10
+    elif where == "last":
+        frame[-1] ^= 0x01
+    elif where == "truncate":
+        frame = frame[: len(frame) // 2]
+    else:
+        frame = bytearray(b"\x00garbage" * 10)
+    with env.begin(write=True, db=db) as txn:
+        txn.put(victim, bytes(frame))
+    env.close()
+    with TierCache(cfg) as c:
+        assert c.lookup(list(range(16))) == 16           # lookup does not read frames
+        out = c.load(list(range(16)))
+        assert out.shape[2] == 8                          # the prefix ends before the corrupt block
+        assert same_bytes(out, kv[:, :, :8])
+        s = c.stats()
+        assert s["corrupt_blocks"]["disk"] == 1
+        c.flush()                                         # the corrupt frame is deleted
+        assert c.lookup(list(range(16))) == 8
+        # storing again repairs the store
+        assert c.store(list(range(16)), kv) == 16
+        c.flush()
+        assert same_bytes(c.load(list(range(16))), kv)
+
+
+def test_corrupt_layer_fails_a_layerwise_load_cleanly(tmp_path, layout):
+    from tiercache.layerwise import KVUnavailable
+    path = tmp_path / "store"
+    kv = make_kv(layout, 8)
+    cfg = CacheConfig(layout=layout, model_id="m", host_bytes=0, disk_path=path)
+    with TierCache(cfg) as c:
+        c.store(list(range(8)), kv)
+        keys = c.keys(list(range(8)))
+    env, db, items = _frames(path)
+    frame = bytearray(dict(items)[keys[1]])
+    frame[-3] ^= 0x40                                   # inside the last layer's segment
+    with env.begin(write=True, db=db) as txn:
+        txn.put(keys[1], bytes(frame))
+    env.close()
+    with TierCache(cfg) as c:
+        ll = c.load_layers(list(range(8)))
+        assert ll.num_tokens == 8
+        assert same_bytes(ll.wait_layer(0), kv[0])        # layer 0 is intact and verified
+        with pytest.raises(KVUnavailable):
+            ll.wait_layer(1)
+        assert c.stats()["corrupt_blocks"]["disk"] == 1
+        assert same_bytes(c.load(list(range(8))), kv[:, :, :4])
+
+
+def test_map_full_evicts_instead_of_failing(tmp_path, layout):
+    big = KVLayout(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.float32, block_size=16)
+    cfg = CacheConfig(layout=big, model_id="m", host_bytes=0, disk_path=tmp_path / "s", disk_bytes="64MiB",
+                      compression="none")
+    with TierCache(cfg) as c:
+        c.disk.env.set_mapsize(4 << 20)             # the map is far smaller than disk_bytes
+        kvs = {}
+        for i in range(40):                         # 40 x 128 KiB = 5 MiB > 4 MiB map
+            kvs[i] = make_kv(big, 16, seed=i)
+            c.store(list(range(i * 100, i * 100 + 16)), kvs[i])
+            c.flush()
+        s = c.stats()
+        assert s["evictions"]["disk"] > 0
+        assert c.lookup(list(range(39 * 100, 39 * 100 + 16))) == 16
+        for i, kv in kvs.items():                   # whatever survived is exact
+            out = c.load(list(range(i * 100, i * 100 + 16)))
+            assert out.shape[2] in (0, 16)
+            if out.shape[2]:
+                assert same_bytes(out, kv)
+
+
+def test_inspect_reports_the_store(tmp_path, layout):
+    path = tmp_path / "store"
+    with TierCache(CacheConfig(layout=layout, model_id="model-a", disk_path=path)) as c:
+        c.store(list(range(16)), make_kv(layout, 16))
+        c.store(list(range(8)), make_kv(layout, 8), salt="tenant")
+    out = subprocess.run([sys.executable, "-m", "tiercache.cli", "inspect", str(path), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    s = json.loads(out)
+    assert s["blocks"] == 6 and s["raw_bytes"] == 6 * layout.block_bytes
+    assert s["layout"]["num_layers"] == 2 and s["layout"]["dtype"] == "bfloat16"
+    assert sorted(n["blocks"] for n in s["namespaces"]) == [2, 4]
+    assert {n["salted"] for n in s["namespaces"]} == {True, False}
+    assert all(n["model_id"] == "model-a" for n in s["namespaces"])
+    assert s["compression_ratio"] > 0 and s["oldest_access"] <= s["newest_access"]
+    text = subprocess.run([sys.executable, "-m", "tiercache.cli", "inspect", str(path)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "model-a" in text and "blocks" in text
+    bad = subprocess.run([sys.executable, "-m", "tiercache.cli", "inspect", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no tiercache disk store" in bad.stderr
+
+
+def test_disk_tier_direct_layout_guard(tmp_path, layout):
+    DiskTier(str(tmp_path / "d"), layout, 1 << 20).close()
+    other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16, block_size=4)
+    with pytest.raises(ValueError, match="layout"):
+        DiskTier(str(tmp_path / "d"), other, 1 << 20)
