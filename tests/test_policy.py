@@ -2,8 +2,14 @@
 
 import pytest
 
-from tiercache.policy import (ADMISSION_POLICIES, EVICTION_POLICIES, LRUPolicy, S3FIFOPolicy,
-                              make_admission_policy, make_eviction_policy)
+from tiercache.policy import (
+    ADMISSION_POLICIES,
+    EVICTION_POLICIES,
+    LRUPolicy,
+    S3FIFOPolicy,
+    make_admission_policy,
+    make_eviction_policy,
+)
 
 
 @pytest.fixture(params=sorted(EVICTION_POLICIES))
