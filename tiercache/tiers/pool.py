@@ -38,6 +38,8 @@ class BlockPool:
         self.slab = torch.empty((self.num_slots, *layout.block_shape), dtype=layout.dtype, device=device,
                                 pin_memory=pin_memory and device.type == "cpu")
         self.pinned_memory = bool(pin_memory and device.type == "cpu")
+        if device.type == "cpu" and not self.pinned_memory:
+            self.slab.zero_()  # fault the pages in now, not on the first store's hot path
         self._slots: dict[BlockKey, int] = {}
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._pins: Counter[BlockKey] = Counter()
