@@ -347,8 +347,8 @@ class TierCache(LoadPath):
         with self._lock:
             self._pending[key] = copy
         desc = self._ns_desc.get(tag, {"model_id": "unknown"})
-        self._writer.offer(WriteItem(key, copy, tag or b"\0" * 8, desc,
-                                     release=lambda: self._release_pending(key)), block=True)
+        # never wait on the disk in the caller's thread: under backpressure the spill is dropped and counted
+        self._writer.offer(WriteItem(key, copy, tag or b"\0" * 8, desc, release=lambda: self._release_pending(key)))
 
     def _disk_written(self, written: list[BlockKey], evicted: list[BlockKey]) -> None:
         self._update_usage()
