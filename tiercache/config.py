@@ -107,7 +107,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:

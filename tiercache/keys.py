@@ -67,13 +67,23 @@ def tokens_to_array(tokens: Any, field_name: str = "tokens") -> np.ndarray:
         except TypeError:
             raise TypeError(f"{field_name}: expected a sequence of int token ids, "
                             f"got {type(tokens).__name__}") from None
-        for t in seq:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"{field_name}: expected int token ids, got {type(t).__name__} ({t!r})")
+        if not seq:
+            return np.zeros(0, dtype=_INT64)
         try:
-            arr = np.asarray(seq, dtype=np.int64) if seq else np.zeros(0, dtype=np.int64)
-        except OverflowError:
-            raise ValueError(f"{field_name}: a token id does not fit in int64") from None
+            arr = np.asarray(seq)
+        except (OverflowError, ValueError):
+            raise ValueError(f"{field_name}: expected int token ids that fit in int64") from None
+        if arr.dtype == object:
+            bad = next((t for t in seq if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+            if bad is not None:
+                raise TypeError(f"{field_name}: expected int token ids, got {type(bad).__name__} ({bad!r})")
+            raise ValueError(f"{field_name}: a token id does not fit in int64")
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            bad = next((t for t in seq if isinstance(t, bool) or not isinstance(t, (int, np.integer))), seq[0])
+            raise TypeError(f"{field_name}: expected a flat sequence of int token ids, got "
+                            f"{type(bad).__name__} ({bad!r})")
+        if arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{field_name}: token id {int(arr.max())} does not fit in int64")
     return np.ascontiguousarray(arr, dtype=_INT64)
 
 

