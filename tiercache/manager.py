@@ -96,7 +96,8 @@ class TierCache(LoadPath):
         self._admission = make_admission_policy(cfg.admission)
         self._pending: dict[BlockKey, torch.Tensor] = {}  # queued for disk, held in a private copy
         self._on_disk_queued: set[BlockKey] = set()       # queued for disk from a host slot
-        self._inflight: dict[BlockKey, threading.Event] = {}  # disk -> host promotions under way
+        self._scratch: list[torch.Tensor] = []  # block buffers for slow reads that found no free slot
+        self._scratch_max = max(4, 2 * cfg.io_threads)
         self._writer = None
         if self.disk is not None:
             self._writer = DiskWriter(self.disk, self.codec, self.recorder, self._io, cfg.write_queue_blocks,
