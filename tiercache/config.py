@@ -166,6 +166,7 @@ class CacheConfig:
     tp_size: int = 1
     weights_revision: str | None = None
     write_queue_blocks: int = 1024
+    disk_writemap: bool = False  # faster disk writes; a full filesystem then raises SIGBUS, not an error
     io_threads: int = 2
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
@@ -213,6 +214,8 @@ class CacheConfig:
         if self.weights_revision is not None and not isinstance(self.weights_revision, str):
             raise TypeError(f"weights_revision: expected a string or None, got {self.weights_revision!r}")
         _positive_int(self.write_queue_blocks, "write_queue_blocks")
+        if not isinstance(self.disk_writemap, bool):
+            raise TypeError(f"disk_writemap: expected a bool, got {self.disk_writemap!r}")
         _positive_int(self.io_threads, "io_threads")
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool)
                                               or not isinstance(self.metrics_port, int)

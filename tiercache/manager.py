@@ -67,7 +67,7 @@ class TierCache(LoadPath):
                                            make_eviction_policy(cfg.eviction), pin_memory=cuda)
         self.disk: DiskTier | None = None
         if cfg.disk_enabled:
-            self.disk = DiskTier(cfg.disk_path, layout, cfg.disk_bytes)
+            self.disk = DiskTier(cfg.disk_path, layout, cfg.disk_bytes, writemap=cfg.disk_writemap)
         self.remote = None
         if cfg.remote_url:
             from .tiers.remote import RemoteTier

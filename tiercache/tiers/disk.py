@@ -50,14 +50,15 @@ def charged_bytes(frame_len: int) -> int:
 
 
 class DiskTier:
-    def __init__(self, path: str, layout: KVLayout, capacity_bytes: int, readonly: bool = False) -> None:
+    def __init__(self, path: str, layout: KVLayout, capacity_bytes: int, readonly: bool = False,
+                 writemap: bool = False) -> None:
         self.path = path
         self.layout = layout
         self.capacity_bytes = capacity_bytes
         os.makedirs(path, exist_ok=True)
         # Room for MVCC copies and free-list fragmentation above the byte bound.
         map_size = max(int(capacity_bytes * 1.25) + (64 << 20), 64 << 20)
-        self.env = _open_env(path, map_size, readonly)
+        self.env = _open_env(path, map_size, readonly, writemap)
         try:
             self._open_dbs(readonly)
         except BaseException:
@@ -292,7 +293,7 @@ _ENVS: dict[str, list] = {}  # realpath -> [env, refcount]
 _ENVS_LOCK = threading.Lock()
 
 
-def _open_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
+def _open_env(path: str, map_size: int, readonly: bool, writemap: bool = False) -> lmdb.Environment:
     real = os.path.realpath(path)
     with _ENVS_LOCK:
         entry = _ENVS.get(real)
@@ -302,11 +303,13 @@ def _open_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
             if not readonly and env.info()["map_size"] < map_size:
                 env.set_mapsize(map_size)
             return env
-        # writemap: frames are written straight into the shared map (measured 5-10x faster for
-        # multi-MiB values than LMDB's malloc'd dirty pages + write()); the file is sparse.
+        # writemap writes frames straight into the shared map: measured 5-10x faster puts of
+        # multi-MiB values than LMDB's malloc'd dirty pages + write(). But the file is then sparse,
+        # and a full filesystem turns a write into SIGBUS instead of an error, so it is opt-in.
+        writemap = writemap and not readonly
         env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
                         readahead=True, sync=False, metasync=False, lock=True, max_readers=1024,
-                        writemap=not readonly, map_async=not readonly)
+                        writemap=writemap, map_async=writemap)
         _ENVS[real] = [env, 1]
         return env
 
