@@ -104,16 +104,6 @@ class DiskTier:
                 n += 1
         return n
 
-    def read(self, keys: Iterable[BlockKey], fn: Callable[[BlockKey, memoryview | None], bool]) -> None:
-        """Call fn(key, frame) for each key inside one read snapshot; frame is None if absent.
-
-        The memoryview is only valid during the call. fn returns False to stop early.
-        """
-        with self.env.begin(db=self._blocks, buffers=True) as txn:
-            for k in keys:
-                if fn(k, txn.get(k)) is False:
-                    break
-
     def count_each(self, keys: list[BlockKey]) -> list[bool]:
         """Whether each key is stored (one snapshot)."""
         with self.env.begin(db=self._meta, buffers=True) as txn:
@@ -194,19 +184,6 @@ class DiskTier:
                 written.append(k)
             self._store_counters(txn, used, blocks, seq)
         return written, evicted
-
-    def delete(self, keys: Iterable[BlockKey]) -> int:
-        n = 0
-        with self.env.begin(write=True) as txn:
-            used, blocks, seq = self._load_counters(txn)
-            for k in keys:
-                charged = self._delete(txn, k)
-                if charged:
-                    used -= charged
-                    blocks -= 1
-                    n += 1
-            self._store_counters(txn, used, blocks, seq)
-        return n
 
     def evict_bytes(self, nbytes: int) -> list[BlockKey]:
         with self.env.begin(write=True) as txn:

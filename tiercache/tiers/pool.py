@@ -79,10 +79,6 @@ class BlockPool:
         if self._pins[key] <= 0:
             del self._pins[key]
 
-    def is_pinned(self, key: BlockKey) -> bool:
-        return key in self._pins
-
-    # -- two-phase insert ------------------------------------------------------------------
     def tag(self, key: BlockKey) -> object:
         return self._tags.get(key)
 
@@ -119,12 +115,6 @@ class BlockPool:
     def abort(self, key: BlockKey) -> None:
         self.unpin(key)
         self._drop(key)
-
-    def remove(self, key: BlockKey) -> bool:
-        if key not in self._slots or key in self._pins:
-            return False
-        self._drop(key)
-        return True
 
     def _drop(self, key: BlockKey) -> None:
         slot = self._slots.pop(key)
