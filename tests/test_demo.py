@@ -55,9 +55,8 @@ def test_quick_json_run(capsys, tmp_path):
     assert summary["disk_compression_ratio"] > 1.0
     assert summary["cold_ttft_s"] == pytest.approx(sum(r["cold_ttft_s"] for r in rows))
     assert summary["warm_ttft_s"] == pytest.approx(sum(r["warm_ttft_s"] for r in rows))
+    # the speedup is reported, never asserted: timings belong to benchmarks, not tests
     assert summary["speedup"] == pytest.approx(summary["cold_ttft_s"] / summary["warm_ttft_s"])
-    # prefill of ~1.7k tokens dominates loading its KV, so reuse must pay off overall
-    assert summary["speedup"] > 1.0
 
 
 def test_table_output_and_progress(capsys, tmp_path):
