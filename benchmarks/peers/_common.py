@@ -5,13 +5,16 @@ tiercache), read a JSON spec on stdin and print one JSON object on stdout:
 
     {"version": "...", "rows": [{"row": ..., "bound": ..., "seconds": [...], "bound_seconds": [...],
                                  "verified": bool}
-                                | {"row": ..., "status": "not installed" | "failed", "detail": ...}]}
+                                | {"row": ..., "status": "not installed" | "failed", "detail": ...}],
+     "lookup": [{"row": ..., "compare_to": "lookup, host hit" | ..., "us": [...], "verified": bool}]}
 
 Each peer row is timed back to back with its bound, measured here in the same process as
 tiercache bench measures it ("memcpy store", "memcpy load", "raw file write", "raw file read, cold",
 "raw file read, warm"), alternating which goes first; `seconds` and `bound_seconds` hold one entry
-per measured round for the whole workload, so bench.py can take same-round ratios. (The bounds are
-written again here because the peers' venvs cannot import tiercache.)
+per measured round for the whole workload, so tiercache bench can take same-round ratios. Lookup
+rows hold µs per chunk (hashing included), one entry per measured round, and name the tiercache
+lookup row they compare to. (The bounds are written again here because the peers' venvs cannot
+import tiercache.)
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ class Rows:
     def __init__(self, bounds: Bounds) -> None:
         self.bounds = bounds
         self.rows: dict[str, dict] = {}
+        self.lookups: dict[str, dict] = {}
         self.measuring = False
         self.round = 0
 
@@ -166,6 +170,15 @@ class Rows:
             r["verified"] = r["verified"] and bool(v(out))
             if self.measuring:
                 r[field].append(seconds)
+
+    def lookup(self, row: str, compare_to: str, fn: Callable[[], object], chunks: int,
+               verify: Callable[[object], bool]) -> None:
+        """Time one lookup call; records µs per chunk (the peer's hashing included)."""
+        r = self.lookups.setdefault(row, {"row": row, "compare_to": compare_to, "us": [], "verified": True})
+        seconds, out = _timed(fn)
+        r["verified"] = r["verified"] and bool(verify(out))
+        if self.measuring:
+            r["us"].append(seconds / chunks * 1e6)
 
     def missing(self, row: str, status: str, detail: str) -> None:
         self.rows[row] = {"row": row, "status": status, "detail": detail[:300]}
@@ -182,7 +195,8 @@ _REPLY_FD: list[int] = []
 
 def emit(version: str, rows: Rows) -> None:
     """Write the reply to the real stdout (everything else the peer prints was sent to stderr)."""
-    text = json.dumps({"version": version, "rows": list(rows.rows.values())}) + "\n"
+    text = json.dumps({"version": version, "rows": list(rows.rows.values()),
+                       "lookup": list(rows.lookups.values())}) + "\n"
     fd = _REPLY_FD[0] if _REPLY_FD else sys.stdout.fileno()
     sys.stdout.flush()
     os.write(fd, text.encode())

@@ -4,7 +4,12 @@ buffered and O_DIRECT), driven through LMCacheEngine.store / retrieve as vLLM's 
 LMCache's MockGPUConnector moves no bytes, so `CopyConnector` below copies between the source
 tensor [layers, 2, tokens, heads, head_dim] and LMCache's memory objects ([2, layers, tokens,
 heads * head_dim]) — the work its GPU connector does on a GPU. Disk writes are asynchronous:
-the store clock stops only when `lookup` sees every chunk on disk. Runs in benchmarks/.venvs/lmcache.
+the store clock stops only when `lookup` sees every chunk on disk.
+
+Lookup rows: `LMCacheEngine.lookup(tokens)` of the round's cached sequence (its chunk hashing
+included, as tiercache's lookup includes its own), timed right after a load like tiercache's
+"lookup, <tier> hit" rows, then the same call again; µs per 256-token chunk. The call is the
+engine's default (no pinning, search over the engine's own backends). Runs in benchmarks/.venvs/lmcache.
 """
 
 from __future__ import annotations
@@ -80,6 +85,12 @@ def main() -> None:
     def loaded(got: torch.Tensor) -> bool:
         return bool(int(got.sum()) == T) & bounds.loaded()
 
+    def lookups(eng, tokens: torch.Tensor, label: str, tier: str) -> None:
+        # as tiercache's lookup rows: first call right after a load, then the same call again
+        for suffix in ("", " (repeated)"):
+            rows.lookup(f"{label} lookup{suffix}", f"lookup, {tier} hit{suffix}", lambda: eng.lookup(tokens),
+                        T // B, lambda got: got == T)
+
     # the CPU tier: room for two rounds' chunks, so a round evicts the one before it
     cpu = engine("bench-cpu", local_cpu=True, max_local_cpu_size=2 * gib + 0.1)
 
@@ -88,6 +99,7 @@ def main() -> None:
         rows.pair("LMCache LocalCPUBackend store", "memcpy store", lambda: cpu.store(tokens, kvcaches=src),
                   lambda _: cpu.lookup(tokens) == T)
         rows.pair("LMCache LocalCPUBackend load", "memcpy load", lambda: cpu.retrieve(tokens, kvcaches=dst), loaded)
+        lookups(cpu, tokens, "LMCache LocalCPUBackend", "host")
 
     rows.run(spec, cpu_round)
     LMCacheEngineBuilder.destroy("bench-cpu")
@@ -115,6 +127,7 @@ def main() -> None:
             drop_from_page_cache(files_under(disk_dir) + [bounds.path], spec["drop_caches"])
             rows.pair(f"{label} load, cold", "raw file read, cold", lambda: eng.retrieve(tokens, kvcaches=dst), loaded)
             rows.pair(f"{label} load, warm", "raw file read, warm", lambda: eng.retrieve(tokens, kvcaches=dst), loaded)
+            lookups(eng, tokens, label, "disk")
 
         rows.run(spec, disk_round)
         LMCacheEngineBuilder.destroy(name)

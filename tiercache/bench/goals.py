@@ -1,0 +1,116 @@
+"""Issue 5's goals, each judged as a ratio measured in the same run: PASS, MISS (and by how much), or not measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LMCACHE_DISK_MODES = ("LMCache LocalDiskBackend (buffered)", "LMCache LocalDiskBackend (O_DIRECT)")
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    cmp: str        # ">=" or "<="
+    target: float
+
+
+GOALS = (
+    Goal("host store >= 0.9x memcpy", ">=", 0.9),
+    Goal("host load >= 0.9x memcpy", ">=", 0.9),
+    Goal("disk load, cold >= LMCache's best disk mode", ">=", 1.0),
+    Goal("disk load, warm >= LMCache's best disk mode", ">=", 1.0),
+    Goal("disk footprint <= 0.7x raw (realistic bf16)", "<=", 0.7),
+    Goal("lookup >= 5x faster than LMCache's", ">=", 5.0),
+    Goal("warm TTFT <= 1.2x ideal: host", "<=", 1.2),
+    Goal("warm TTFT <= 1.2x ideal: disk, page cache dropped", "<=", 1.2),
+    Goal("warm TTFT <= 1.2x ideal: disk, page cache warm", "<=", 1.2),
+    Goal("lookup and store flat as the store grows (largest <= 1.5x the 10^3 cost)", "<=", 1.5),
+)
+
+
+def _disk_vs_lmcache(result: dict, temp: str) -> tuple[float, str] | None:
+    ours = {r["row"]: r for r in result["throughput"]}[f"disk load, {temp}"]
+    theirs = [r for r in result["peer_rows"] if r.get("status") == "ok"
+              and r["row"] in {f"{m} load, {temp}" for m in LMCACHE_DISK_MODES}]
+    if not theirs:
+        return None
+    best = max(theirs, key=lambda r: r["median"])
+    # also the ratio of each side's ratio to its own same-round raw-file bound (cancels the drift between processes)
+    bound_ratio = ours["ratio"] / best["ratio"]
+    return ours["median"] / best["median"], (f"{ours['median']:.2f} vs {best['median']:.2f} GB/s "
+                                             f"({best['row'].removeprefix('LMCache ')}); "
+                                             f"{bound_ratio:.2f}x on ratios to the raw-file bound")
+
+
+def _lookup_vs_lmcache(result: dict) -> tuple[float, str] | None:
+    ours = {r["row"]: r for r in result["lookup"]}
+    pairs = [(r, ours[r["compare_to"]]) for r in result.get("peer_lookup", [])
+             if r.get("peer") == "lmcache" and r.get("compare_to") in ours and "repeated" not in r["row"]]
+    if not pairs:
+        return None
+    worst = min(pairs, key=lambda p: p[0]["median"] / p[1]["median"])
+    theirs, own = worst
+    return theirs["median"] / own["median"], (f"{theirs['median']:.1f} vs {own['median']:.1f} µs/chunk "
+                                              f"({theirs['row'].removeprefix('LMCache ')} vs {own['row']}; "
+                                              "the least favourable pair, first calls)")
+
+
+def _ttft(result: dict, tier: str) -> tuple[float, str] | None:
+    e2e = result.get("e2e")
+    if not e2e:
+        return None
+    row = next(r for r in e2e["rows"] if r.get("tier") == tier and r.get("default"))
+    return row["ratio"]["median"], (f"{row['ttft_ms']['median']:.1f} ms vs ideal "
+                                    f"{e2e['rows'][1]['ttft_ms']['median']:.1f} ms ({row['mode']}, the default)")
+
+
+def _scale(result: dict) -> tuple[float, str] | None:
+    if not result["scale"]:
+        return None
+    # first lookups of random stored sequences and stores; repeated lookups are a diagnostic
+    worst = max((r for r in result["scale"] if r["op"] in ("store", "lookup")), key=lambda r: r["ratio"])
+    return worst["ratio"], f"{worst['tier']} {worst['op']} at {worst['blocks']:,} blocks"
+
+
+def _value(goal: Goal, result: dict) -> tuple[float, str] | None:
+    rows = {r["row"]: r for r in result["throughput"] + result["footprint"]}
+    name = goal.name
+    if name.startswith(("host store", "host load")):
+        row = name.split(" >=")[0]
+        return rows[row]["ratio"], f"{rows[row]['median']:.2f} vs {rows[BOUND[row]]['median']:.2f} GB/s, same rounds"
+    if name.startswith("disk load"):
+        return _disk_vs_lmcache(result, "cold" if "cold" in name else "warm")
+    if name.startswith("disk footprint"):
+        return rows["footprint realistic bf16"]["ratio"], "data.mdb allocated bytes / raw bytes"
+    if name.startswith("lookup >="):
+        return _lookup_vs_lmcache(result)
+    if name.startswith("warm TTFT"):
+        return _ttft(result, name.split("ideal: ")[1])
+    return _scale(result)
+
+
+BOUND = {"host store": "memcpy store", "host load": "memcpy load"}
+NOT_MEASURED = {"disk load": "needs --peers and the lmcache venv", "lookup >=": "needs --peers and the lmcache venv",
+                "warm TTFT": "end to end was off (--e2e off)", "lookup and": "scale test was off"}
+
+
+def judge(result: dict) -> list[dict]:
+    out = []
+    for goal in GOALS:
+        got = _value(goal, result)
+        entry = {"goal": goal.name, "target": f"{goal.cmp} {goal.target:g}", "value": None, "pass": None}
+        if got is None:
+            why = next(v for k, v in NOT_MEASURED.items() if goal.name.startswith(k))
+            out.append({**entry, "status": "not measured", "measured_on": why, "miss_by": ""})
+            continue
+        value, where = got
+        ok = value >= goal.target if goal.cmp == ">=" else value <= goal.target
+        if ok:
+            miss = ""
+        elif goal.cmp == ">=":
+            miss = f"{(1 - value / goal.target) * 100:.1f}% short ({value:.2f}x of the {goal.target:g}x needed)"
+        else:
+            miss = f"{(value / goal.target - 1) * 100:.1f}% over ({value:.2f}x against at most {goal.target:g}x)"
+        out.append({**entry, "value": value, "pass": ok, "status": "PASS" if ok else "MISS", "measured_on": where,
+                    "miss_by": miss})
+    return out

@@ -1,0 +1,159 @@
+"""tiercache's own rows: host and disk tier throughput next to their bounds, lookup cost, disk footprint.
+
+Each round stores a new token sequence from the source tensor and loads it back into a separate
+tensor with `load(tokens, out=...)`; every load is checked bit-identical outside the clock. Disk
+rows use a cache with only the disk tier (`host_bytes=0`), so every load decodes from LMDB; the
+store clock stops when `flush()` returns (frames committed to LMDB, page cache, no fsync). Cold
+reads close the environment first so its map does not keep the pages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..config import CacheConfig
+from .protocol import (
+    CHUNK_TOKENS,
+    BenchConfig,
+    ParallelCopy,
+    Rounds,
+    ratio_row,
+    raw_read,
+    raw_write,
+    realistic_kv,
+    same_bytes,
+    timed,
+    token_ids,
+    uniform_kv,
+)
+
+BOUNDS = {"host store": "memcpy store", "host load": "memcpy load", "disk store": "raw file write",
+          "disk load, cold": "raw file read, cold", "disk load, warm": "raw file read, warm"}
+ROW_ORDER = ("memcpy store", "memcpy load", "host store", "host load", "raw file write", "raw file read, cold",
+             "raw file read, warm", "disk store", "disk load, cold", "disk load, warm")
+LOOKUP_ROWS = ("lookup, host hit", "lookup, host hit (repeated)", "hashing only", "lookup, disk hit",
+               "lookup, disk hit (repeated)")
+
+
+def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callable[[str], None]) -> Rounds:
+    """The interleaved rounds: each tier row is timed right next to its bound, in alternating order."""
+    from ..manager import TierCache
+
+    layout, n = cfg.layout, cfg.chunks
+    T = n * CHUNK_TOKENS
+    dst = torch.empty_like(src)
+    buf = torch.empty((n, *layout.block_shape), dtype=layout.dtype)
+    rounds = Rounds(cfg, log)
+    # the bound copies with as many threads as the cache's copy engine has, so it is not beaten by them
+    copies = ParallelCopy(CacheConfig(layout=layout).io_threads)
+    host = TierCache(CacheConfig(layout=layout, model_id="bench", host_bytes=n * layout.block_bytes))
+    raw_path, lmdb_path = os.path.join(workdir, "raw.bin"), os.path.join(workdir, "lmdb")
+    disk_cfg = CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=lmdb_path,
+                           disk_bytes=2 * cfg.nbytes + (64 << 20), write_queue_blocks=max(n, 16))
+
+    def loaded(got: object = None) -> bool:
+        """Verify (outside the clock) that dst holds the source bytes, then clear it for the next run."""
+        ok = (got is None or got.shape[2] == T) and same_bytes(dst, src)
+        dst.zero_()
+        return ok
+
+    def pair(r: int, a: tuple, b: tuple) -> None:
+        """Time two (row, run, verify) entries back to back, alternating which goes first."""
+        for name, fn, verify in (a, b) if r % 2 == 0 else (b, a):
+            seconds, out = timed(fn)
+            rounds.record(name, seconds, bool(verify(out)))
+
+    def memcpy_store() -> None:
+        copies.copy([(buf[c], src[:, :, c * CHUNK_TOKENS:(c + 1) * CHUNK_TOKENS]) for c in range(n)])
+
+    def memcpy_load() -> None:
+        copies.copy([(dst[:, :, c * CHUNK_TOKENS:(c + 1) * CHUNK_TOKENS], buf[c]) for c in range(n)])
+
+    def stored(got: object) -> bool:
+        return got == T
+
+    def lookup_rows(cache: TierCache, tokens: np.ndarray, tier: str) -> None:
+        # first call right after a load (CPU caches cold, as for a new request), then the same call again
+        for row in (f"lookup, {tier} hit", f"lookup, {tier} hit (repeated)"):
+            seconds, hit = timed(lambda: cache.lookup(tokens))
+            rounds.record(row, seconds / n * 1e6, hit == T, rounds.lookup_us)
+
+    def host_probe(r: int) -> None:
+        tokens = token_ids(cfg.seed, T, salt=1000 + r)
+        pair(r, ("memcpy store", memcpy_store, lambda _: True),
+             ("host store", lambda: host.store(tokens, src), stored))
+        pair(r, ("memcpy load", memcpy_load, loaded), ("host load", lambda: host.load(tokens, out=dst), loaded))
+        lookup_rows(host, tokens, "host")
+        seconds, keys = timed(lambda: host.keys(tokens))
+        rounds.record("hashing only", seconds / n * 1e6, len(keys) == n, rounds.lookup_us)
+
+    def disk_probe(r: int) -> None:
+        tokens = token_ids(cfg.seed, T, salt=2000 + r)
+        shutil.rmtree(lmdb_path, ignore_errors=True)
+        with TierCache(disk_cfg) as cache:
+            def disk_store() -> int:
+                got = cache.store(tokens, src)
+                cache.flush()  # the clock stops when the frames are committed to LMDB (page cache, no fsync)
+                return got
+
+            pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
+                 ("disk store", disk_store,
+                  lambda got: got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0))
+        rounds.cold([raw_path, os.path.join(lmdb_path, "data.mdb")])  # the environment is closed: nothing maps it
+        with TierCache(disk_cfg) as cache:
+            for temp in ("cold", "warm"):
+                pair(r, (f"raw file read, {temp}", lambda: raw_read(raw_path, dst, n), loaded),
+                     (f"disk load, {temp}", lambda: cache.load(tokens, out=dst), loaded))
+            lookup_rows(cache, tokens, "disk")
+        os.unlink(raw_path)
+        shutil.rmtree(lmdb_path, ignore_errors=True)
+
+    try:
+        rounds.run([host_probe, disk_probe])
+    finally:
+        host.close()
+        copies.close()
+    return rounds
+
+
+def throughput_rows(rounds: Rounds, nbytes: int) -> list[dict]:
+    rows = []
+    for name in ROW_ORDER:
+        s, bound = rounds.samples[name], BOUNDS.get(name, name)
+        rows.append(ratio_row(name, bound, s.seconds, rounds.samples[bound].seconds, nbytes, s.verified))
+    return rows
+
+
+def measure_footprint(cfg: BenchConfig, workdir: str, log: Callable[[str], None]) -> list[dict]:
+    """Allocated bytes of data.mdb per raw byte, for realistic bf16 KV and for uniform random bytes."""
+    from ..manager import TierCache
+
+    layout, n = cfg.layout, cfg.footprint_chunks
+    rows = []
+    for name, make in (("realistic bf16", realistic_kv), ("uniform random bytes", uniform_kv)):
+        log(f"footprint: {name}")
+        kv = make(layout, n * CHUNK_TOKENS, cfg.seed + 7)
+        path = os.path.join(workdir, "footprint")
+        shutil.rmtree(path, ignore_errors=True)
+        dcfg = CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=path,
+                           disk_bytes=3 * n * layout.block_bytes + (64 << 20), write_queue_blocks=max(n, 16))
+        tokens = token_ids(cfg.seed, n * CHUNK_TOKENS, salt=3)
+        with TierCache(dcfg) as cache:
+            cache.store(tokens, kv)
+            cache.flush()
+            s = cache.stats()
+        raw = n * layout.block_bytes
+        allocated = os.stat(os.path.join(path, "data.mdb")).st_blocks * 512
+        with TierCache(dcfg) as cache:
+            out = torch.empty_like(kv)
+            ok = cache.load(tokens, out=out).shape[2] == n * CHUNK_TOKENS and same_bytes(out, kv)
+        rows.append({"row": f"footprint {name}", "data": name, "raw_bytes": raw, "disk_bytes": allocated,
+                     "frame_bytes": s["disk_compressed_bytes"], "ratio": allocated / raw,
+                     "frame_ratio": s["disk_compressed_bytes"] / max(s["disk_raw_bytes"], 1), "verified": ok})
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
