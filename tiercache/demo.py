@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port while running")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: the CPUs this process may use)")
     p.add_argument("--device", default="cpu", help="torch device for the model and the cache (default cpu)")
-    p.add_argument("--no-layerwise", action="store_true", help="load the whole prefix before the forward pass "
-                   "instead of layer by layer")
+    lw = p.add_mutually_exclusive_group()
+    lw.add_argument("--layerwise", action="store_true", help="load the prefix layer by layer while the forward "
+                    "runs (the default on a GPU)")
+    lw.add_argument("--no-layerwise", action="store_true", help="load the whole prefix before the forward pass "
+                    "(the default on a CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -220,7 +223,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     try:
         with TierCache(cfg) as cache:
-            lm = TierCachedLM(model, cache, layerwise=False if args.no_layerwise else None)
+            layerwise = False if args.no_layerwise else (True if args.layerwise else None)
+            lm = TierCachedLM(model, cache, layerwise=layerwise)
             progress = Progress(len(workload.requests), enabled=not args.no_progress)
             progress.update(0, "warming up")
             gen = {"max_new_tokens": 1, "do_sample": False}
