@@ -102,3 +102,17 @@ def test_no_pickle_in_the_codec():
     import tiercache.codec as mod
     src = pathlib.Path(mod.__file__).read_text()
     assert "pickle" not in src.replace("No pickle", "")
+
+
+def test_small_blocks_are_one_segment_large_blocks_one_per_layer():
+    from tiercache.codec import MIN_SEGMENT_BYTES, frame_segments
+    small = block_bytes(torch.bfloat16, layers=4)              # 8 KiB per layer
+    c = codec_for(torch.bfloat16, layers=4)
+    assert frame_segments(c.encode(small)) == 1
+    big = np.random.default_rng(1).integers(0, 256, 4 * MIN_SEGMENT_BYTES, dtype=np.uint8)
+    frame = c.encode(big)
+    assert frame_segments(frame) == 4
+    out = np.empty(len(big), dtype=np.uint8)
+    for layers in (range(0, 2), range(2, 4)):                   # two threads' halves
+        c.decode_into(frame, out, layers)
+    assert np.array_equal(out, big)

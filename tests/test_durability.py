@@ -110,28 +110,36 @@ def test_corrupt_frames_become_misses(tmp_path, layout, where):
         assert same_bytes(c.load(list(range(16))), kv)
 
 
-def test_corrupt_layer_fails_a_layerwise_load_cleanly(tmp_path, layout):
+@pytest.mark.parametrize("per_layer", [True, False], ids=["segment-per-layer", "one-segment"])
+def test_corrupt_layer_fails_a_layerwise_load_cleanly(tmp_path, per_layer):
+    from tiercache.codec import MIN_SEGMENT_BYTES, frame_segments
     from tiercache.layerwise import KVUnavailable
+    # big enough blocks get one segment per layer; small ones are a single segment
+    lay = KVLayout(num_layers=2, num_kv_heads=4 if per_layer else 1, head_dim=256 if per_layer else 8,
+                   dtype=torch.bfloat16, block_size=16)
+    assert (lay.layer_block_bytes >= MIN_SEGMENT_BYTES) == per_layer
     path = tmp_path / "store"
-    kv = make_kv(layout, 8)
-    cfg = CacheConfig(layout=layout, model_id="m", host_bytes=0, disk_path=path)
+    kv = make_kv(lay, 32)
+    cfg = CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path=path)
     with TierCache(cfg) as c:
-        c.store(list(range(8)), kv)
-        keys = c.keys(list(range(8)))
+        c.store(list(range(32)), kv)
+        keys = c.keys(list(range(32)))
     env, db, items = _frames(path)
     frame = bytearray(dict(items)[keys[1]])
-    frame[-3] ^= 0x40                                   # inside the last layer's segment
+    assert frame_segments(frame) == (2 if per_layer else 1)
+    frame[-3] ^= 0x40                                   # inside the last layer's bytes
     with env.begin(write=True, db=db) as txn:
         txn.put(keys[1], bytes(frame))
     env.close()
     with TierCache(cfg) as c:
-        ll = c.load_layers(list(range(8)))
-        assert ll.num_tokens == 8
-        assert same_bytes(ll.wait_layer(0), kv[0])        # layer 0 is intact and verified
+        ll = c.load_layers(list(range(32)))
+        assert ll.num_tokens == 32
+        if per_layer:
+            assert same_bytes(ll.wait_layer(0), kv[0])    # layer 0 is intact and verified on its own
         with pytest.raises(KVUnavailable):
             ll.wait_layer(1)
         assert c.stats()["corrupt_blocks"]["disk"] == 1
-        assert same_bytes(c.load(list(range(8))), kv[:, :, :4])
+        assert same_bytes(c.load(list(range(32))), kv[:, :, :16])
 
 
 def test_map_full_evicts_instead_of_failing(tmp_path, layout):

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .codec import frame_segments
 from .errors import CorruptFrame
 from .keys import BlockKey, tokens_to_array
 from .layerwise import KVUnavailable, LayerLoad, PrefetchHandle
@@ -370,12 +371,16 @@ class LoadPath:
                     if f is None:
                         raise KVUnavailable(f"block {s.key.hex()} left the disk tier")
                     frames[s.key] = f
+                whole = {k for k, f in frames.items() if frame_segments(f) == 1}  # small blocks: one segment
                 for i in range(ll.num_layers):
                     pairs = []
                     for j, s in enumerate(plan.srcs):
-                        if s.key in frames:
+                        if s.key in frames and (s.key not in whole or i == 0):
                             try:
-                                self.codec.decode_layer_into(frames[s.key], i, _as_bytes(s.tensor[i]))
+                                if s.key in whole:
+                                    self.codec.decode_into(frames[s.key], _as_bytes(s.tensor))
+                                else:
+                                    self.codec.decode_layer_into(frames[s.key], i, _as_bytes(s.tensor[i]))
                             except CorruptFrame as e:
                                 self._corrupt("disk", s.key, e)
                                 raise
