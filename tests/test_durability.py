@@ -61,12 +61,24 @@ def test_two_processes_share_one_store(tmp_path, layout):
         assert c.stats()["blocks"]["disk"] == 2 * 20 * 4
 
 
-def _frames(path):
-    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+def _store_and_damage(cfg, kv, block, damage):
+    """Store kv's prompt, then rewrite the frame of `block` as damage(bytearray) returns it, on disk."""
+    n = kv.shape[2]
+    with TierCache(cfg) as c:
+        c.store(list(range(n)), kv)
+        victim = c.keys(list(range(n)))[block]
+    env = lmdb.open(str(cfg.disk_path), max_dbs=8, subdir=True)
     db = env.open_db(b"blocks")
-    with env.begin(db=db) as txn:
-        items = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
-    return env, db, items
+    with env.begin(write=True, db=db) as txn:
+        txn.put(victim, bytes(damage(bytearray(txn.get(victim)))))
+    env.close()
+
+
+def _flip(pos, mask):
+    def damage(frame):
+        frame[pos] ^= mask
+        return frame
+    return damage
 
 
 @pytest.mark.parametrize("where", ["header", "table", "payload", "last", "truncate", "garbage"])
@@ -74,27 +86,10 @@ def test_corrupt_frames_become_misses(tmp_path, layout, where):
     path = tmp_path / "store"
     kv = make_kv(layout, 16)
     cfg = CacheConfig(layout=layout, model_id="m", host_bytes=0, disk_path=path)
-    with TierCache(cfg) as c:
-        c.store(list(range(16)), kv)
-        keys = c.keys(list(range(16)))
-    env, db, items = _frames(path)
-    victim = keys[2]                      # corrupt the third block of the prefix
-    frame = bytearray(dict(items)[victim])
-    if where == "header":
-        frame[12] ^= 0xFF
-    elif where == "table":
-        frame[50] ^= 0x01
-    elif where == "payload":
-        frame[len(frame) // 2] ^= 0x10
-    elif where == "last":
-        frame[-1] ^= 0x01
-    elif where == "truncate":
-        frame = frame[: len(frame) // 2]
-    else:
-        frame = bytearray(b"\x00garbage" * 10)
-    with env.begin(write=True, db=db) as txn:
-        txn.put(victim, bytes(frame))
-    env.close()
+    damage = {"header": _flip(12, 0xFF), "table": _flip(50, 0x01), "payload": lambda f: _flip(len(f) // 2, 0x10)(f),
+              "last": _flip(-1, 0x01), "truncate": lambda f: f[: len(f) // 2],
+              "garbage": lambda f: b"\x00garbage" * 10}[where]
+    _store_and_damage(cfg, kv, 2, damage)                # corrupt the third block of the prefix
     with TierCache(cfg) as c:
         assert c.lookup(list(range(16))) == 16           # lookup does not read frames
         out = c.load(list(range(16)))
@@ -121,16 +116,12 @@ def test_corrupt_layer_fails_a_layerwise_load_cleanly(tmp_path, per_layer):
     path = tmp_path / "store"
     kv = make_kv(lay, 32)
     cfg = CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path=path)
-    with TierCache(cfg) as c:
-        c.store(list(range(32)), kv)
-        keys = c.keys(list(range(32)))
-    env, db, items = _frames(path)
-    frame = bytearray(dict(items)[keys[1]])
-    assert frame_segments(frame) == (2 if per_layer else 1)
-    frame[-3] ^= 0x40                                   # inside the last layer's bytes
-    with env.begin(write=True, db=db) as txn:
-        txn.put(keys[1], bytes(frame))
-    env.close()
+
+    def damage(frame):
+        assert frame_segments(frame) == (2 if per_layer else 1)
+        frame[-3] ^= 0x40                                # inside the last layer's bytes
+        return frame
+    _store_and_damage(cfg, kv, 1, damage)
     with TierCache(cfg) as c:
         ll = c.load_layers(list(range(32)))
         assert ll.num_tokens == 32

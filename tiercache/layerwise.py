@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -36,7 +35,6 @@ class PrefetchHandle:
         self._future = future
         self._recorder = recorder
         self._counted = dropped
-        self._result = 0 if dropped else None
         if dropped:
             recorder.prefetch("dropped")
 
@@ -79,7 +77,6 @@ class LayerLoad:
         self._error: BaseException | None = None
         self._done = threading.Event()
         self.stall_seconds = 0.0
-        self._finalizers: list[Callable[[], None]] = []
 
     # -- worker side ---------------------------------------------------------------------
     def layer_ready(self, i: int, event: torch.cuda.Event | None = None) -> None:

@@ -81,9 +81,6 @@ class TransferEngine:
         futures = [self._pool.submit(_copy_run, run) for run in runs if run]
         return TransferHandle(futures=futures, nbytes=nbytes, started=started)
 
-    def copy_sync(self, pairs: list[Pair]) -> None:
-        self.copy(pairs).wait()
-
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self._stream is not None:
