@@ -39,9 +39,24 @@ def test_golden_value_is_stable():
     # Keys must never change between releases: stored blocks would become unreachable.
     k = keys([1, 2, 3, 4], ns=Namespace("golden", "L1-P2-B4-H1-D1-bfloat16"))
     assert k[0].hex() == GOLDEN
+    salted = keys([1, 2, 3, 4], ns=Namespace("golden", "L1-P2-B4-H1-D1-bfloat16", salt=b"a"))
+    assert salted[0].hex() == GOLDEN_BYTES_SALT
 
 
-GOLDEN = "983ecd599318355570a23118c33ef0de"  # xxh3_128 chain of v1 keys; changing it orphans every store
+# xxh3_128 chain of v2 keys (v2: salts carry their type); changing them orphans every store
+GOLDEN = "8b8fb110aee1ebd07fc71c9c717b7899"
+GOLDEN_BYTES_SALT = "3e7ce348aa4e22c16b8eda8048e50042"
+
+
+def test_str_and_bytes_salts_are_distinct_namespaces():
+    toks = list(range(8))
+    by = {repr(s): keys(toks, ns=Namespace("model", NS.layout_fingerprint, salt=s))[0]
+          for s in (None, b"a", "61", "a", b"61", b"", "")}
+    assert len(set(by.values())) == len(by)          # b"a" is never "61" (nor "a"); b"" is not "" nor None
+    assert keys(toks, ns=Namespace("model", NS.layout_fingerprint, salt=b"a")) == \
+        keys(toks, ns=Namespace("model", NS.layout_fingerprint, salt=b"a"))
+    with pytest.raises(TypeError, match="salt"):
+        Namespace("model", NS.layout_fingerprint, salt=bytearray(b"a"))
 
 
 def test_namespace_isolation():
@@ -75,6 +90,11 @@ def test_keys_identical_across_processes():
     ([1.5, 2.0], TypeError), ("abcd", TypeError), (np.zeros((2, 2), dtype=np.int64), ValueError),
     (torch.zeros(4), TypeError), ([True, False], TypeError), (5, TypeError), ([2**70], ValueError),
     (np.array([2**64 - 1], dtype=np.uint64), ValueError),
+    (np.array([1, 2**63], dtype=np.uint64), ValueError),
+    (torch.tensor([2**63, 1], dtype=torch.uint64), ValueError),       # would wrap to the keys of negative ids
+    (torch.tensor([2**64 - 1], dtype=torch.uint64), ValueError),
+    ([1, 2, True, 4], TypeError), ([np.True_, 2], TypeError), (np.array([True, False]), TypeError),
+    (torch.tensor([True, False]), TypeError),
 ])
 def test_bad_tokens(bad, exc):
     with pytest.raises(exc, match="tokens"):
@@ -90,3 +110,25 @@ def test_large_ids_hash_as_int64():
 def test_blockkey_type():
     with pytest.raises(ValueError, match="BlockKey"):
         BlockKey(b"short")
+
+
+def test_uint64_ids_that_fit_hash_like_int64():
+    toks = [0, 5, 2**63 - 1, 7]
+    assert keys(torch.tensor(toks, dtype=torch.uint64)) == keys(toks)
+    assert keys(np.array(toks, dtype=np.uint64)) == keys(toks)
+
+
+def test_block_keys_reference_definition():
+    """key[i] = xxh3_128(key[i-1] || int64 LE tokens of block i), seeded by the namespace digest."""
+    import xxhash
+    h = KeyHasher()
+    toks = np.arange(64, dtype=np.int64) * 7919
+    prev = h.namespace_digest(NS)
+    want = []
+    for i in range(0, 64, 16):
+        prev = xxhash.xxh3_128_digest(prev + toks[i:i + 16].astype("<i8").tobytes())
+        want.append(prev)
+    got = h.block_keys(toks, 16, NS)
+    assert got == want and all(type(k) is BlockKey for k in got)
+    assert h.block_keys(toks, 16, NS, max_blocks=2) == want[:2]
+    assert h.block_keys(toks[:15], 16, NS) == []

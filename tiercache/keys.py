@@ -23,6 +23,7 @@ import xxhash
 
 KEY_BYTES = 16
 _INT64 = np.dtype("<i8")
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 class BlockKey(bytes):
@@ -39,8 +40,21 @@ class BlockKey(bytes):
         return f"BlockKey({self.hex()})"
 
 
+_BOOL_TYPES = (bool, np.bool_)
+
+
+def _reject_unsigned_overflow(arr: np.ndarray, field_name: str) -> None:
+    if arr.dtype.kind == "u" and arr.itemsize >= 8 and arr.size and int(arr.max()) > _INT64_MAX:
+        raise ValueError(f"{field_name}: token id {int(arr.max())} does not fit in int64 "
+                         f"(ids are hashed as little-endian int64)")
+
+
 def tokens_to_array(tokens: Any, field_name: str = "tokens") -> np.ndarray:
-    """Normalise a sequence of token ids to a 1-D little-endian int64 array (copying only if needed)."""
+    """Normalise a sequence of token ids to a 1-D little-endian int64 array (copying only if needed).
+
+    Booleans are not token ids (TypeError, also inside a list); unsigned ids above 2**63 - 1 do
+    not fit in int64 and would wrap onto the keys of negative ids (ValueError).
+    """
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency of the package
@@ -50,20 +64,20 @@ def tokens_to_array(tokens: Any, field_name: str = "tokens") -> np.ndarray:
             raise TypeError(f"{field_name}: expected integer token ids, got a tensor of {tokens.dtype}")
         if tokens.dim() != 1:
             raise ValueError(f"{field_name}: expected a 1-D sequence of token ids, got shape {tuple(tokens.shape)}")
-        arr = tokens.detach().to("cpu", dtype=torch.int64).numpy()
+        arr = tokens.detach().to("cpu").numpy()  # keeps the dtype: uint64 must be checked, not wrapped
+        _reject_unsigned_overflow(arr, field_name)
     elif isinstance(tokens, np.ndarray):
         if tokens.dtype.kind not in "iu":
             raise TypeError(f"{field_name}: expected integer token ids, got a numpy array of {tokens.dtype}")
         if tokens.ndim != 1:
             raise ValueError(f"{field_name}: expected a 1-D sequence of token ids, got shape {tokens.shape}")
-        if tokens.dtype.kind == "u" and tokens.size and int(tokens.max()) > np.iinfo(np.int64).max:
-            raise ValueError(f"{field_name}: token id {int(tokens.max())} does not fit in int64")
+        _reject_unsigned_overflow(tokens, field_name)
         arr = tokens
     elif isinstance(tokens, (str, bytes, bytearray)):
         raise TypeError(f"{field_name}: expected a sequence of int token ids, got {type(tokens).__name__}")
     else:
         try:
-            seq = list(tokens)
+            seq = tokens if isinstance(tokens, (list, tuple)) else list(tokens)
         except TypeError:
             raise TypeError(f"{field_name}: expected a sequence of int token ids, "
                             f"got {type(tokens).__name__}") from None
@@ -74,29 +88,41 @@ def tokens_to_array(tokens: Any, field_name: str = "tokens") -> np.ndarray:
         except (OverflowError, ValueError):
             raise ValueError(f"{field_name}: expected int token ids that fit in int64") from None
         if arr.dtype == object:
-            bad = next((t for t in seq if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+            bad = next((t for t in seq if isinstance(t, _BOOL_TYPES) or not isinstance(t, (int, np.integer))), None)
             if bad is not None:
                 raise TypeError(f"{field_name}: expected int token ids, got {type(bad).__name__} ({bad!r})")
             raise ValueError(f"{field_name}: a token id does not fit in int64")
         if arr.dtype.kind not in "iu" or arr.ndim != 1:
-            bad = next((t for t in seq if isinstance(t, bool) or not isinstance(t, (int, np.integer))), seq[0])
+            bad = next((t for t in seq if isinstance(t, _BOOL_TYPES) or not isinstance(t, (int, np.integer))),
+                       seq[0])
             raise TypeError(f"{field_name}: expected a flat sequence of int token ids, got "
                             f"{type(bad).__name__} ({bad!r})")
-        if arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max:
-            raise ValueError(f"{field_name}: token id {int(arr.max())} does not fit in int64")
+        # numpy turns [1, True] into int64 [1, 1]: a bool is not a token id
+        types = set(map(type, seq))
+        if bool in types or np.bool_ in types:
+            raise TypeError(f"{field_name}: expected int token ids, got a bool (True/False is not a token id)")
+        _reject_unsigned_overflow(arr, field_name)
     return np.ascontiguousarray(arr, dtype=_INT64)
 
 
 @dataclass(frozen=True)
 class Namespace:
-    """Everything that makes KV for the same tokens different. Its digest seeds the key chain."""
+    """Everything that makes KV for the same tokens different. Its digest seeds the key chain.
+
+    `salt` keeps its type: a `str` salt and a `bytes` salt are distinct tenants (the canonical
+    form tags each with its type, so salt=b"a" never equals salt="61" or salt="a").
+    """
 
     model_id: str
     layout_fingerprint: str
     tp_rank: int = 0
     tp_size: int = 1
-    salt: str | None = None
+    salt: str | bytes | None = None
     weights_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.salt is not None and not isinstance(self.salt, (str, bytes)):
+            raise TypeError(f"salt: expected None, str or bytes, got {type(self.salt).__name__}")
 
     def describe(self) -> dict:
         """What may be written to disk about this namespace (the salt itself is never stored)."""
@@ -105,7 +131,16 @@ class Namespace:
                 "weights_revision": self.weights_revision}
 
     def canonical(self) -> bytes:
-        return json.dumps({**self.describe(), "salt": self.salt}, sort_keys=True).encode()
+        if self.salt is None:
+            salt = None
+        elif isinstance(self.salt, bytes):
+            salt = ["bytes", self.salt.hex()]
+        else:
+            salt = ["str", str(self.salt)]
+        return json.dumps({**self.describe(), "salt": salt}, sort_keys=True).encode()
+
+
+NAMESPACE_TAG = b"tiercache-namespace-v2\x00"  # v2: salts carry their type
 
 
 class KeyHasher:
@@ -113,8 +148,7 @@ class KeyHasher:
 
     def __init__(self, algo: str = "xxh3_128", secret: bytes | None = None) -> None:
         if algo == "xxh3_128":
-            def h(data: bytes) -> bytes:
-                return xxhash.xxh3_128_digest(data)
+            h = xxhash.xxh3_128_digest
         elif algo == "blake2b":
             if not secret:
                 raise ValueError("hash_secret: hash_algo='blake2b' needs a non-empty secret")
@@ -131,7 +165,7 @@ class KeyHasher:
     def namespace_digest(self, ns: Namespace) -> bytes:
         d = self._ns_cache.get(ns)
         if d is None:
-            d = self._h(b"tiercache-namespace-v1\x00" + ns.canonical())
+            d = self._h(NAMESPACE_TAG + ns.canonical())
             if len(self._ns_cache) > 4096:  # salts are unbounded; keep the memo small
                 self._ns_cache.clear()
             self._ns_cache[ns] = d
@@ -139,17 +173,25 @@ class KeyHasher:
 
     def block_keys(self, tokens: Any, block_size: int, ns: Namespace,
                    max_blocks: int | None = None) -> list[BlockKey]:
-        """Keys of every full block of `tokens` (the trailing partial block gets none)."""
+        """Keys of every full block of `tokens` (the trailing partial block gets none).
+
+        key[i] = H(key[i-1] || int64 LE tokens of block i). The token bytes are made once; each
+        step is one 16 + 8*block_size byte concatenation and one hash (no per-block numpy).
+        """
         arr = tokens_to_array(tokens)
         n = len(arr) // block_size
         if max_blocks is not None:
             n = min(n, max_blocks)
+        if n <= 0:
+            return []
         raw = arr[: n * block_size].tobytes()
         step = block_size * 8
         prev = self.namespace_digest(ns)
         h = self._h
-        keys = []
-        for i in range(n):
-            prev = h(prev + raw[i * step:(i + 1) * step])
-            keys.append(BlockKey(prev))
+        new = bytes.__new__  # skips BlockKey's length check: a digest is always 16 bytes
+        keys: list[BlockKey] = []
+        append = keys.append
+        for i in range(0, n * step, step):
+            prev = h(prev + raw[i:i + step])
+            append(new(BlockKey, prev))
         return keys

@@ -116,8 +116,6 @@ class TierCache(LoadPath):
     def _namespace(self, salt: Any) -> Namespace:
         if salt is not None and not isinstance(salt, (str, bytes)):
             raise TypeError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
-        if isinstance(salt, bytes):
-            salt = salt.hex()
         cfg = self.cfg
         return Namespace(cfg.model_id, self.layout.fingerprint(), cfg.tp_rank, cfg.tp_size, salt,
                          cfg.weights_revision)
