@@ -1,20 +1,40 @@
 """tiercache: tiered KV-cache offload for LLM inference.
 
     from tiercache import TierCache, CacheConfig, KVLayout
+
+Names are imported on first use, so `import tiercache.core` (the torch-free
+decision layer) never imports torch.
 """
 
-from .config import CacheConfig, KVLayout, parse_size
-from .errors import CorruptFrame, LayoutMismatch, TierCacheError
-from .keys import BlockKey
+from __future__ import annotations
 
-__all__ = ["TierCache", "CacheConfig", "KVLayout", "BlockKey", "parse_size",
-           "TierCacheError", "CorruptFrame", "LayoutMismatch", "__version__"]
-__version__ = "0.1.0"
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    "TierCache": ".manager",
+    "CacheConfig": ".config",
+    "KVLayout": ".config",
+    "parse_size": ".config",
+    "BlockKey": ".keys",
+    "TierCacheError": ".errors",
+    "CorruptFrame": ".errors",
+    "LayoutMismatch": ".errors",
+}
+
+__all__ = [*_LAZY, "__version__"]
 
 
-def __getattr__(name: str):
-    # The manager imports the tiers (lmdb, the transfer engine); load it on first use.
-    if name == "TierCache":
-        from .manager import TierCache
-        return TierCache
-    raise AttributeError(f"module 'tiercache' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'tiercache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -66,8 +66,10 @@ class LRUPolicy(EvictionPolicy):
     def victims(self, n: int, protected: Container[Key] = ()) -> list | None:
         if n <= 0:
             return []
+        if len(self._order) - sum(1 for k in protected if k in self._order) < n:
+            return None  # fail fast: callers pass only the (few) keys in flight as `protected`
         out = []
-        for key in self._order:  # oldest first
+        for key in self._order:  # oldest first; skips at most len(protected) keys
             if key not in protected:
                 out.append(key)
                 if len(out) == n:
@@ -131,36 +133,35 @@ class S3FIFOPolicy(EvictionPolicy):
     def victims(self, n: int, protected: Container[Key] = ()) -> list | None:
         if n <= 0:
             return []
-        # Simulate on copies so the call is atomic: commit only if n victims are found.
-        small, main, freq = OrderedDict(self._small), OrderedDict(self._main), dict(self._freq)
+        # Atomic without copying the state: decide first whether n victims exist. Every key that
+        # is not protected is eventually evicted (its frequency only drops), so the loop below
+        # then always finds n; it works in place, O(1) amortised per victim.
+        if len(self._freq) - sum(1 for k in protected if k in self._freq) < n:
+            return None
+        small, main, freq = self._small, self._main, self._freq
         out: list = []
-        total = len(small) + len(main)
-        rounds = 0
-        while len(out) < n and rounds < 4 * total + 4:
-            rounds += 1
-            take_small = small and (len(small) >= self._small_ratio * (len(small) + len(main)) or not main)
+        budget = 8 * len(freq) + 8  # safety bound; unreachable when the check above holds
+        while len(out) < n and budget:
+            budget -= 1
+            take_small = bool(small) and (len(small) >= self._small_ratio * (len(small) + len(main)) or not main)
             queue = small if take_small else main
-            if not queue:
-                break
             key, _ = queue.popitem(last=False)
             if key in protected:
-                queue[key] = None  # skip: back to the tail, untouched
-                continue
-            if take_small and freq[key] > 0:
-                freq[key] = 0
-                main[key] = None
-            elif not take_small and freq[key] > 0:
-                freq[key] -= 1
+                queue[key] = None  # in flight: back to the tail, untouched
+            elif freq[key] > 0:
+                freq[key] = 0 if take_small else freq[key] - 1
                 main[key] = None
             else:
                 out.append(key)
-        if len(out) < n:
+                del freq[key]
+                self._ghost[key] = None
+        if len(out) < n:  # pragma: no cover - guarded by the feasibility check
+            for key in out:
+                self._ghost.pop(key, None)
+                freq[key] = 0
+                main[key] = None
             return None
-        self._small, self._main, self._freq = small, main, freq
-        for key in out:
-            del self._freq[key]
-            self._ghost[key] = None
-        while len(self._ghost) > max(16, len(self._freq)):
+        while len(self._ghost) > max(16, len(freq)):
             self._ghost.popitem(last=False)
         return out
 
