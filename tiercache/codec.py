@@ -2,7 +2,7 @@
 
 Frame layout (all integers little-endian):
 
-    header  (48 bytes)
+    header  (64 bytes)
       magic        4s   b"TCKV"
       version      u8   FORMAT_VERSION
       codec        u8   CODEC_NONE | CODEC_ZSTD | CODEC_BYTEPLANE
@@ -10,12 +10,21 @@ Frame layout (all integers little-endian):
       reserved     u8
       layout_fp    u64  xxh64 of KVLayout.fingerprint()
       raw_len      u64  bytes of the decoded block
-      checksum     u64  xxh3_64 of the decoded block
+      table_sum    u64  xxh3_64 of the segment table, seeded by the key
+      key          16s  the block key the frame was written for
       nseg         u32  number of segments: one per layer, or 1 for small blocks
       header_crc   u32  low 32 bits of xxh32 over the bytes above
       payload_len  u64  bytes after the segment table
-    segment table  nseg x (u32 encoded length, u64 xxh3_64 of the decoded segment)
+    segment table  nseg x (u32 encoded length, u64 xxh3_64 of the decoded segment seeded by key and index)
     segments       one per layer, so one layer decodes (and verifies) without the others
+
+A frame is bound to its block: the header carries the key and every decode
+checks it (a valid frame of another block stored under a key is a miss), and
+each segment's checksum is seeded with the key and the segment's index, so
+segments swapped within a frame, or taken from another block's frame, fail
+verification. A compressed plane must declare (zstd frame content size)
+exactly the bytes it should decode to; anything else is rejected before any
+buffer is allocated.
 
 A segment holds one layer's bytes. Under CODEC_BYTEPLANE its elements are split
 into byte planes: the high-order planes (sign, exponent, top of the mantissa:
@@ -38,10 +47,12 @@ import zstandard
 from .errors import CorruptFrame
 
 MAGIC = b"TCKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: frames carry their key; segment checksums seeded by key and index
 CODEC_NONE, CODEC_ZSTD, CODEC_BYTEPLANE = 0, 1, 2
 CODEC_NAMES = {CODEC_NONE: "none", CODEC_ZSTD: "zstd", CODEC_BYTEPLANE: "byteplane"}
-_HEAD = struct.Struct("<4sBBBBQQQII")
+_HEAD = struct.Struct("<4sBBBBQQQ16sII")
+KEY_LEN = 16
+_SEED_MASK = (1 << 64) - 1
 _PAYLOAD_LEN = struct.Struct("<Q")
 HEADER_BYTES = _HEAD.size + _PAYLOAD_LEN.size
 _PLANE = struct.Struct("<BI")  # mode (0 raw, 1 zstd), length
@@ -126,8 +137,9 @@ class BlockCodec:
             parts += [_PLANE.pack(_MODE_RAW, len(plane)), plane.data]
         return parts
 
-    def encode(self, block: np.ndarray | memoryview | bytes) -> bytes:
-        """Encode one block's raw bytes (a uint8 view of the canonical block tensor)."""
+    def encode(self, block: np.ndarray | memoryview | bytes, key: bytes) -> bytes:
+        """Encode one block's raw bytes (a uint8 view of the canonical block tensor), bound to `key`."""
+        seed = _key_seed(key)
         raw = np.frombuffer(block, dtype=np.uint8) if not isinstance(block, np.ndarray) else block.reshape(-1)
         if raw.dtype != np.uint8:
             raise TypeError(f"block: expected uint8 bytes, got {raw.dtype}")
@@ -140,18 +152,21 @@ class BlockCodec:
         # parts are buffers (no copies yet); the one join below copies each byte once
         parts = [self._encode_segment(seg) for seg in segs]
         lens = [sum(len(p) for p in seg_parts) for seg_parts in parts]
-        table = b"".join(_ENTRY.pack(n, xxhash.xxh3_64_intdigest(seg)) for n, seg in zip(lens, segs))
+        table = b"".join(_ENTRY.pack(n, xxhash.xxh3_64_intdigest(seg, seed=(seed + i) & _SEED_MASK))
+                         for i, (n, seg) in enumerate(zip(lens, segs)))
         payload_len = sum(lens)
         head = _HEAD.pack(MAGIC, FORMAT_VERSION, self.codec, self.itemsize, 0, self.layout_fp, len(raw),
-                          xxhash.xxh3_64_intdigest(raw), len(segs), 0)
+                          xxhash.xxh3_64_intdigest(table, seed=seed), bytes(key), len(segs), 0)
         head = head[:-4] + struct.pack("<I", xxhash.xxh32_intdigest(head[:-4]))
         return b"".join([head, _PAYLOAD_LEN.pack(payload_len), table, *(p for sp in parts for p in sp)])
 
     # -- decode ---------------------------------------------------------------------------
-    def _parse(self, frame: memoryview, expected_raw: int | None) -> tuple[int, int, list[tuple[int, int]]]:
+    def _parse(self, frame: memoryview, expected_raw: int | None,
+               key: bytes) -> tuple[int, int, list[tuple[int, int]]]:
+        seed = _key_seed(key)
         if len(frame) < HEADER_BYTES:
             raise CorruptFrame(f"frame of {len(frame)} bytes is shorter than the header")
-        magic, version, codec, itemsize, _, lfp, raw_len, checksum, nseg, hcrc = _HEAD.unpack_from(frame, 0)
+        magic, version, codec, itemsize, _, lfp, raw_len, table_sum, fkey, nseg, hcrc = _HEAD.unpack_from(frame, 0)
         if magic != MAGIC:
             raise CorruptFrame("bad magic")
         if xxhash.xxh32_intdigest(bytes(frame[:_HEAD.size - 4])) != hcrc:
@@ -160,6 +175,8 @@ class BlockCodec:
             raise CorruptFrame(f"unsupported format version {version}")
         if lfp != self.layout_fp:
             raise CorruptFrame("frame was written for another KV layout")
+        if fkey != key:
+            raise CorruptFrame("frame was written for another block key")
         if codec not in CODEC_NAMES or itemsize != self.itemsize or nseg not in (1, self.num_segments):
             raise CorruptFrame("codec, element size or segment count does not match")
         if expected_raw is not None and raw_len != expected_raw:
@@ -168,10 +185,12 @@ class BlockCodec:
         table_end = HEADER_BYTES + _ENTRY.size * nseg
         if len(frame) != table_end + payload_len:
             raise CorruptFrame(f"frame length {len(frame)} != {table_end + payload_len}")
+        if xxhash.xxh3_64_intdigest(frame[HEADER_BYTES:table_end], seed=seed) != table_sum:
+            raise CorruptFrame("segment table checksum mismatch")
         entries = [_ENTRY.unpack_from(frame, HEADER_BYTES + i * _ENTRY.size) for i in range(nseg)]
         if sum(e[0] for e in entries) != payload_len:
             raise CorruptFrame("segment table does not add up to the payload length")
-        return codec, checksum, entries
+        return codec, seed, entries
 
     def _decode_segment(self, codec: int, seg: memoryview, out: np.ndarray) -> None:
         n = len(out)
@@ -182,7 +201,7 @@ class BlockCodec:
                 out[:] = np.frombuffer(seg, dtype=np.uint8)
                 return
             if codec == CODEC_ZSTD:
-                data = self._dctx().decompress(seg, max_output_size=n)
+                data = self._decompress(seg, n)
                 if len(data) != n:
                     raise CorruptFrame("zstd segment length mismatch")
                 out[:] = np.frombuffer(data, dtype=np.uint8)
@@ -201,7 +220,7 @@ class BlockCodec:
                 if len(body) != length:
                     raise CorruptFrame("truncated plane")
                 if mode == _MODE_ZSTD:
-                    body = self._dctx().decompress(body, max_output_size=per_plane)
+                    body = self._decompress(body, per_plane)
                 elif mode != _MODE_RAW:
                     raise CorruptFrame(f"unknown plane mode {mode}")
                 if len(body) != per_plane:
@@ -219,15 +238,26 @@ class BlockCodec:
                 raise CorruptFrame("trailing bytes in segment")
         except zstandard.ZstdError as e:
             raise CorruptFrame(f"zstd: {e}") from None
+        except MemoryError:  # belt and braces: declared sizes are checked before decompressing
+            raise CorruptFrame("zstd: decoding would not fit in memory") from None
 
-    def decode_into(self, frame: memoryview | bytes, out: np.ndarray, layers: range | None = None) -> None:
+    def _decompress(self, data: memoryview, n: int) -> bytes:
+        """Decompress one zstd frame that must declare exactly `n` bytes, checked before allocating."""
+        size = zstandard.frame_content_size(data)  # -1: not declared; ZstdError: not a zstd frame
+        if size != n:
+            raise CorruptFrame(f"zstd plane declares {size} bytes, expected {n}")
+        return self._dctx().decompress(data, max_output_size=n)
+
+    def decode_into(self, frame: memoryview | bytes, out: np.ndarray, layers: range | None = None, *,
+                    key: bytes) -> None:
         """Decode a frame into `out` (a uint8 array of the whole block), verifying each segment.
 
-        With `layers`, only those segments are decoded (into their place in `out`), so one
-        frame can be decoded by several threads at once.
+        `key` is the block key the frame is read under: a frame written for another key raises
+        CorruptFrame. With `layers`, only those segments are decoded (into their place in `out`),
+        so one frame can be decoded by several threads at once.
         """
         frame = memoryview(frame)
-        codec, _, entries = self._parse(frame, len(out))
+        codec, seed, entries = self._parse(frame, len(out), key)
         seg_len = len(out) // len(entries)
         offsets = [HEADER_BYTES + _ENTRY.size * len(entries)]
         for n, _ in entries[:-1]:
@@ -241,30 +271,32 @@ class BlockCodec:
             n, seg_sum = entries[i]
             dst = out[i * seg_len:(i + 1) * seg_len]
             self._decode_segment(codec, frame[offsets[i]:offsets[i] + n], dst)
-            if xxhash.xxh3_64_intdigest(dst) != seg_sum:
+            if xxhash.xxh3_64_intdigest(dst, seed=(seed + i) & _SEED_MASK) != seg_sum:
                 raise CorruptFrame(f"checksum mismatch in layer {i}")
 
-    def decode(self, frame: memoryview | bytes, raw_len: int) -> np.ndarray:
+    def decode(self, frame: memoryview | bytes, raw_len: int, *, key: bytes) -> np.ndarray:
         out = np.empty(raw_len, dtype=np.uint8)
-        self.decode_into(frame, out)
+        self.decode_into(frame, out, key=key)
         return out
 
-    def decode_layer_into(self, frame: memoryview | bytes, layer: int, out: np.ndarray) -> None:
+    def decode_layer_into(self, frame: memoryview | bytes, layer: int, out: np.ndarray, *, key: bytes) -> None:
         """Decode one layer's segment into `out` (uint8, raw_len // num_segments bytes).
 
         Each segment carries its own checksum, so a layer is verified before anyone sees it.
         """
         frame = memoryview(frame)
-        codec, _, entries = self._parse(frame, len(out) * self.num_segments)
+        codec, seed, entries = self._parse(frame, len(out) * self.num_segments, key)
+        if not 0 <= layer < len(entries) and len(entries) > 1:
+            raise IndexError(f"layer: {layer} is not in 0..{len(entries) - 1}")
         if len(entries) == 1 and self.num_segments > 1:
             whole = np.empty(len(out) * self.num_segments, dtype=np.uint8)
-            self.decode_into(frame, whole)
+            self.decode_into(frame, whole, key=key)
             out[:] = whole[layer * len(out):(layer + 1) * len(out)]
             return
         pos = HEADER_BYTES + _ENTRY.size * len(entries) + sum(e[0] for e in entries[:layer])
         n, seg_sum = entries[layer]
         self._decode_segment(codec, frame[pos:pos + n], out)
-        if xxhash.xxh3_64_intdigest(out) != seg_sum:
+        if xxhash.xxh3_64_intdigest(out, seed=(seed + layer) & _SEED_MASK) != seg_sum:
             raise CorruptFrame(f"checksum mismatch in layer {layer}")
 
 
@@ -278,7 +310,14 @@ def read_header(frame: memoryview | bytes) -> dict:
     frame = memoryview(frame)
     if len(frame) < HEADER_BYTES:
         raise CorruptFrame("frame shorter than the header")
-    magic, version, codec, itemsize, _, lfp, raw_len, checksum, nseg, _ = _HEAD.unpack_from(frame, 0)
+    magic, version, codec, itemsize, _, lfp, raw_len, _, key, nseg, _ = _HEAD.unpack_from(frame, 0)
     return {"magic": magic, "version": version, "codec": CODEC_NAMES.get(codec, str(codec)),
             "itemsize": itemsize, "layout_fp": lfp, "raw_len": raw_len, "segments": nseg,
-            "frame_len": len(frame)}
+            "key": bytes(key), "frame_len": len(frame)}
+
+
+def _key_seed(key: bytes) -> int:
+    """The checksum seed of a block: its key's first 8 bytes (keys are hashes: well mixed)."""
+    if len(key) != KEY_LEN:
+        raise ValueError(f"key: expected a {KEY_LEN}-byte block key, got {len(key)} bytes")
+    return int.from_bytes(key[:8], "little")

@@ -177,7 +177,7 @@ class LoadPath:
         def one(task: tuple[_Src, range]) -> CorruptFrame | None:
             s, layers = task
             try:
-                self.codec.decode_into(s.frame, _as_bytes(s.tensor), layers)
+                self.codec.decode_into(s.frame, _as_bytes(s.tensor), layers, key=s.key)
                 return None
             except CorruptFrame as e:
                 return e
@@ -201,7 +201,7 @@ class LoadPath:
         for i, (s, f) in enumerate(zip(ok, frames)):
             s.tier = "remote"
             try:
-                self.codec.decode_into(f, _as_bytes(s.tensor))
+                self.codec.decode_into(f, _as_bytes(s.tensor), key=s.key)
             except CorruptFrame as e:
                 self._corrupt("remote", s.key, e)
                 return i
@@ -378,9 +378,10 @@ class LoadPath:
                         if s.key in frames and (s.key not in whole or i == 0):
                             try:
                                 if s.key in whole:
-                                    self.codec.decode_into(frames[s.key], _as_bytes(s.tensor))
+                                    self.codec.decode_into(frames[s.key], _as_bytes(s.tensor), key=s.key)
                                 else:
-                                    self.codec.decode_layer_into(frames[s.key], i, _as_bytes(s.tensor[i]))
+                                    self.codec.decode_layer_into(frames[s.key], i, _as_bytes(s.tensor[i]),
+                                                                    key=s.key)
                             except CorruptFrame as e:
                                 self._corrupt("disk", s.key, e)
                                 raise

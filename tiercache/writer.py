@@ -121,7 +121,7 @@ class DiskWriter:
 
     def _encode(self, item: WriteItem) -> bytes:
         raw = item.src.reshape(-1).view(torch.uint8).numpy()
-        return self.codec.encode(raw)
+        return self.codec.encode(raw, item.key)
 
     def _write(self, items: list[WriteItem]) -> None:
         with self._del_lock:

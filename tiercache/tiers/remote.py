@@ -120,7 +120,7 @@ class RemoteTier:
                 continue
             t0 = time.perf_counter()
             try:
-                frame = self.codec.encode(block.reshape(-1).view(torch.uint8).numpy())
+                frame = self.codec.encode(block.reshape(-1).view(torch.uint8).numpy(), key)
                 # NX: never replace a stored frame with different bytes
                 self.client.set(_PREFIX + key, frame, nx=True, ex=self._ttl)
             except self._redis_errors as e:
