@@ -19,7 +19,7 @@ from tiercache import bench
 from tiercache.bench import e2e, peers
 
 TINY = ["--chunks", "2", "--rounds", "2", "--warmup", "1", "--layers", "2", "--scale-sizes", "128,256",
-        "--e2e", "tiny", "--no-drop-caches", "--quiet"]
+        "--e2e", "tiny", "--quiet"]
 STATUSES = {"PASS", "MISS", "not measured"}
 
 
@@ -79,7 +79,7 @@ def test_footprint_lookup_and_scale(tiny_run):
                                                      for o in ("store", "lookup", "lookup, repeated")}
     assert sorted({r["blocks"] for r in scale}) == [128, 256]
     assert all(r["verified"] and _finite_positive(r["median"], r["ratio"]) for r in scale)
-    assert result["cold_method"].startswith("posix_fadvise")
+    assert result["cold_method"] == "posix_fadvise(DONTNEED)"  # nothing machine-wide unless --drop-caches
 
 
 def test_end_to_end_rows(tiny_run):
@@ -165,6 +165,8 @@ def test_markdown_results_file(tiny_run):
     assert f"code: {result['code']}" in text
     for section in ("## Throughput", "## Disk footprint", "## Lookup", "## End to end", "## Scale", "## Goals"):
         assert section in text
+    titles = [line for line in text.splitlines() if line.startswith("#")]
+    assert not [t for t in titles if "issue" in t.lower()], titles  # a title says what it measures
     for name in bench.ROW_ORDER:
         assert f"| {name} |" in text
     assert "| GB/s median (min–max) |" in text
@@ -224,3 +226,66 @@ def test_cli_dispatch_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--full" in out and "--e2e" in out
+
+
+def test_default_run_prints_only_and_never_drops_the_machine_cache(tmp_path, monkeypatch, capsys):
+    """Without --out nothing is written; without --drop-caches /proc/sys/vm/drop_caches is never opened."""
+    from tiercache.bench import protocol
+
+    opened: list[str] = []
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "open", recording_open, raising=False)
+    monkeypatch.chdir(tmp_path)
+    results_dir = protocol.REPO / "benchmarks" / "results"
+    before = sorted(results_dir.iterdir()) if results_dir.is_dir() else []
+    argv = [a for a in TINY if a != "--quiet"]
+    rc = bench.main([*argv, "--scale-sizes", "", "--e2e", "off", "--json", "--workdir", str(tmp_path)])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert rc == 0 and result["results_file"] is None
+    assert list(tmp_path.iterdir()) == []  # the workdir is cleaned up and nothing lands in the cwd
+    assert (sorted(results_dir.iterdir()) if results_dir.is_dir() else []) == before
+    assert "this run takes about" in captured.err  # it says how long before it starts
+    assert "/proc/sys/vm/drop_caches" not in opened and result["cold_method"] == "posix_fadvise(DONTNEED)"
+
+
+def test_drop_caches_only_when_asked(tmp_path, monkeypatch):
+    from tiercache.bench import protocol
+
+    opened: list[str] = []
+
+    class Refused:
+        def __init__(self, path, *args, **kwargs):
+            opened.append(str(path))
+            raise PermissionError(path)
+
+    monkeypatch.setattr(protocol, "open", Refused, raising=False)
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 8192)
+    assert protocol.drop_from_page_cache([str(f)], global_drop=False) == "posix_fadvise(DONTNEED)"
+    assert opened == []
+    assert protocol.drop_from_page_cache([str(f)], global_drop=True) == "posix_fadvise(DONTNEED)"
+    assert opened == ["/proc/sys/vm/drop_caches"]  # tried only when asked (and refused here: reported as such)
+    cfg, _ = bench.parse_args(["--drop-caches"])
+    assert cfg.drop_caches is True and bench.parse_args([])[0].drop_caches is False
+
+
+def test_an_added_section_is_measured_and_rendered(tmp_path, monkeypatch, capsys):
+    from tiercache.bench import command
+
+    def rows(cfg, log):
+        return [{"row": "per block", "us": 1.5, "verified": True}]
+
+    monkeypatch.setattr(command, "SECTIONS", [command.Section("extra", "Extra: a cost per block", rows)])
+    out = tmp_path / "r.md"
+    rc = bench.main([*TINY, "--scale-sizes", "", "--e2e", "off", "--json", "--workdir", str(tmp_path),
+                     "--out", str(out)])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0 and result["sections"] == [{"key": "extra", "title": "Extra: a cost per block",
+                                              "rows": [{"row": "per block", "us": 1.5, "verified": True}]}]
+    text = out.read_text()
+    assert "## Extra: a cost per block" in text and "| per block | 1.5 | yes |" in text

@@ -253,3 +253,34 @@ def test_corrupt_disk_block_mid_load_falls_back_to_recompute(tmp_path):
         assert lm.last_reused_tokens == 0 and lm.last_loaded_tokens == 0
         assert cache.stats()["corrupt_blocks"]["disk"] == 1
     assert_greedy_equivalent(gen(model, ids), got, ATOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_generate_emits_no_deprecation_warning(tmp_path, layerwise):
+    """The cache is handed to `generate` under the keyword the installed transformers expects (no FutureWarning)."""
+    import warnings
+
+    from tiercache.integrations import hf
+
+    model = make_model("llama")
+    ids = prompt(5, 40)
+    with tier_cache(model, tmp_path) as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = TierCachedLM(model, cache, layerwise=layerwise)
+        lm.generate(ids, max_new_tokens=2, do_sample=False)
+        lm.generate(ids, max_new_tokens=2, do_sample=False)  # the second call hands over a filled cache
+        assert lm.last_reused_tokens == 32
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                    and "past_key_values" in str(w.message)]
+    assert deprecations == []
+    from transformers.generation import utils as generation_utils
+
+    expected = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+    assert hf.CACHE_KWARG == expected
+
+
+def test_batch_of_two_prompts_is_refused(tmp_path):
+    model = make_model("llama")
+    with tier_cache(model, tmp_path) as cache:
+        with pytest.raises(ValueError, match="input_ids: batch size 1 required"):
+            TierCachedLM(model, cache).generate(torch.cat([prompt(1, 20), prompt(2, 20)]))

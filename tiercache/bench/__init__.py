@@ -7,7 +7,7 @@ One command, everything measured in the same run (see benchmarks/README.md for t
 - peers.py     LMCache, SGLang and file formats, each in its own venv (benchmarks/peers/)
 - e2e.py       the demo's RAG workload through the transformers integration: TTFT per tier vs the ideal
 - scale.py     lookup and store cost as the store grows to 10^6 blocks
-- goals.py     issue 5's goals as ratios: PASS, MISS (by how much) or not measured
+- goals.py     the goals as same-run ratios: PASS, MISS (by how much) or not measured
 - report.py    machine, code state, the markdown results file
 - command.py   `run` and the command line (`main`)
 """

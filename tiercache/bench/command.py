@@ -9,14 +9,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .e2e import measure_e2e
 from .goals import judge
 from .peers import peer_lookup_rows, peer_rows, run_peers
 from .protocol import CHUNK_TOKENS, E2E_SIZES, FULL, QUICK, BenchConfig, CpuWatch, realistic_kv, summary
-from .report import code_state, default_out, machine_info, render_markdown
+from .report import code_state, machine_info, render_markdown
 from .scale import measure_scale
 from .tiers import LOOKUP_ROWS, measure_footprint, measure_tiers, throughput_rows
 
@@ -24,10 +24,39 @@ DESCRIPTION = ("measure tiercache's tiers against memcpy and raw file reads, LMC
                "and TTFT end to end, in the same run")
 
 
+@dataclass(frozen=True)
+class Section:
+    """An extra part of the run: `measure(cfg, log) -> rows` (a list of flat dicts with a `verified` bool),
+    shown in the results under `title` as a table of the rows' keys. Append to SECTIONS to add one."""
+
+    key: str
+    title: str
+    measure: Callable[[BenchConfig, Callable[[str], None]], list[dict]]
+    enabled: Callable[[BenchConfig], bool] = lambda cfg: True
+
+
+SECTIONS: list[Section] = []
+
+
+def estimate_seconds(cfg: BenchConfig) -> float:
+    """Rough wall time of a run, scaled from a quick run measured on a 2-core CPU-only VM (see benchmarks/README.md).
+
+    Per part, at the quick configuration: tier rounds 70 s (linear in chunks x layers x rounds),
+    footprint 15 s, end to end 60 s (quick) / 300 s (full) / 10 s (tiny), scale 30 s (10^5 blocks).
+    """
+    work = cfg.chunks * cfg.num_layers / (8 * 32)
+    tiers = 70 * work * (cfg.rounds + cfg.warmup) / 7
+    footprint = 15 * cfg.footprint_chunks * cfg.num_layers / (8 * 32)
+    e2e = {"off": 0, "tiny": 10, "quick": 60, "full": 300}[cfg.e2e]
+    scale = 30 * sum(cfg.scale_sizes) / 111_000 if cfg.scale_sizes else 0
+    return tiers + footprint + e2e + scale + (120 if cfg.peers else 0)
+
+
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, command: str = "tiercache bench") -> dict:
     code = code_state()  # before measuring: what was imported is what was on disk at start
     workdir = tempfile.mkdtemp(prefix="tiercache-bench-", dir=cfg.workdir)
     watch = CpuWatch()
+    extra: dict[str, list[dict]] = {}
     try:
         layout = cfg.layout
         src = realistic_kv(layout, cfg.chunks * CHUNK_TOKENS, cfg.seed)
@@ -40,6 +69,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, command: 
         e2e = watch.measure("end to end", lambda: measure_e2e(cfg, workdir, log)) if cfg.e2e != "off" else None
         scale = watch.measure("scale", lambda: measure_scale(cfg, workdir, log)) if cfg.scale_sizes else []
         peers = watch.measure("peers", lambda: run_peers(cfg, src, workdir, log)) if cfg.peers else []
+        for section in SECTIONS:
+            if section.enabled(cfg):
+                log(f"{section.title}")
+                extra[section.key] = watch.measure(section.key, lambda s=section: s.measure(cfg, log))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     resident = (f"{max(rounds.cold_resident) * 100:.1f}% at most (fincore)" if rounds.cold_resident
@@ -49,10 +82,12 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, command: 
               "chunk_bytes": layout.block_bytes, "other_cpu": watch.parts, "cold_method": rounds.cold_method,
               "cold_resident": resident,
               "throughput": throughput, "footprint": footprint, "lookup": lookup, "e2e": e2e, "scale": scale,
-              "peers": peers, "peer_rows": peer_rows(peers, cfg.nbytes), "peer_lookup": peer_lookup_rows(peers)}
+              "peers": peers, "peer_rows": peer_rows(peers, cfg.nbytes), "peer_lookup": peer_lookup_rows(peers),
+              "sections": [{"key": s.key, "title": s.title, "rows": extra[s.key]} for s in SECTIONS if s.key in extra]}
     result["goals"] = judge(result)
-    checked = throughput + footprint + lookup + scale + result["peer_lookup"]
-    result["verified"] = (all(r["verified"] for r in checked)
+    checked = throughput + footprint + lookup + scale + result["peer_lookup"] + [r for rows in extra.values()
+                                                                                  for r in rows]
+    result["verified"] = (all(r.get("verified", True) for r in checked)
                           and all(r["verified"] for r in result["peer_rows"] if r["status"] == "ok")
                           and (e2e is None or e2e["verified"]))
     return result
@@ -65,22 +100,27 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
     p.add_argument("--peers", action="store_true", help="also run LMCache, SGLang and file-format baselines "
                                                         "where their venvs exist (benchmarks/setup_peers.sh)")
-    p.add_argument("--out", help="markdown results file (default benchmarks/results/<date>-<machine>.md)")
+    p.add_argument("--out", help="also write the markdown results to this file (default: print only)")
     p.add_argument("--chunks", type=int, help="256-token chunks in the workload (quick 8, full 32)")
     p.add_argument("--rounds", type=int, help="measured rounds")
     p.add_argument("--warmup", type=int, help="warm-up rounds (not measured)")
     p.add_argument("--layers", type=int, help="layers of the KV layout (default 32; fewer for a smoke test)")
     p.add_argument("--scale-sizes", help="comma-separated store sizes in blocks for the scale test ('' skips it)")
-    p.add_argument("--e2e", choices=E2E_SIZES, help="end-to-end size: the demo's workload (default), its --quick "
-                   "one (quick), a 2-layer model on a few hundred tokens (tiny), or off (quick mode: quick, "
-                   "--full: default)")
+    p.add_argument("--e2e", choices=E2E_SIZES, help="end-to-end size: the demo's default workload (quick), its "
+                   "--full one (full), a 2-layer model on a few hundred tokens (tiny), or off (quick mode: quick, "
+                   "--full: full)")
     p.add_argument("--workdir", help="directory for the temporary files (default: the system temp dir)")
-    p.add_argument("--no-drop-caches", action="store_true",
-                   help="never write /proc/sys/vm/drop_caches (posix_fadvise alone evicts the files)")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="before cold reads, also drop the WHOLE machine's page cache (/proc/sys/vm/drop_caches, "
+                   "needs root; slows every other process). Default: evict only the bench's own files with "
+                   "posix_fadvise(DONTNEED)")
+    p.add_argument("--no-drop-caches", action="store_true", help=argparse.SUPPRESS)  # the default; old scripts
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     a = p.parse_args(argv)
     cfg = FULL if a.full else QUICK
-    changes: dict = {"peers": a.peers, "workdir": a.workdir, "drop_caches": not a.no_drop_caches}
+    if a.drop_caches and a.no_drop_caches:
+        p.error("--drop-caches and --no-drop-caches: choose one")
+    changes: dict = {"peers": a.peers, "workdir": a.workdir, "drop_caches": a.drop_caches}
     for name, value in (("chunks", a.chunks), ("rounds", a.rounds), ("warmup", a.warmup), ("num_layers", a.layers)):
         if value is not None:
             if value < (0 if name == "warmup" else 1):
@@ -106,15 +146,27 @@ def main(argv: list[str] | None = None) -> int:
         if not a.quiet:
             print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
+    out = Path(a.out) if a.out else None
+    if out is not None and out.parent and not out.parent.is_dir():
+        p_error = f"tiercache bench: error: --out: directory {out.parent} does not exist"
+        print(p_error, file=sys.stderr)
+        return 2
+    if not a.quiet:
+        minutes = estimate_seconds(cfg) / 60
+        print(f"[bench] this run takes about {minutes:.0f} minute{'s' if round(minutes) != 1 else ''} on a 2-core "
+              "CPU-only VM (less on a bigger machine); it keeps the CPU busy. Cold reads evict only the bench's own "
+              "files" + (" and drop the whole page cache (--drop-caches)" if cfg.drop_caches else "") + ".",
+              file=sys.stderr, flush=True)
     result = run(cfg, log, command=" ".join(["tiercache bench", *argv]))
-    out = Path(a.out) if a.out else default_out(result["machine"], result["date"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     md = render_markdown(result)
-    out.write_text(md)
-    result["results_file"] = str(out)
+    result["results_file"] = None
+    if out is not None:
+        out.write_text(md)
+        result["results_file"] = str(out)
     if a.json:
         print(json.dumps(result))
     else:
         print(md)
-    log(f"results written to {out}")
+    if out is not None:
+        log(f"results written to {out}")
     return 0 if result["verified"] else 1

@@ -3,7 +3,7 @@
 Model and workload are the demo's (`tiercache demo`): its built-in Llama-architecture model,
 randomly initialised from a config (8 layers, hidden 512, bf16; `tiny`: 2 layers, hidden 128), and
 its seeded RAG workload (system prompt + one of several documents + a question); quick mode uses
-the demo's --quick workload, --full the demo's default one.
+the demo's default workload, --full the demo's --full one.
 
 Each document's prefix (system + document) is stored once through `TierCachedLM` (the full blocks
 of the prefix only, never a question's), then copied into a second, disk-only cache. Every request
@@ -42,7 +42,7 @@ TIERS = ("host", "disk, page cache dropped", "disk, page cache warm")
 
 
 def e2e_sizes(size: str) -> dict:
-    """Model and workload sizes: the demo's defaults (`default`), the demo's --quick workload, or `tiny`."""
+    """Model and workload sizes: the demo's default workload (`quick`), its --full one (`full`), or `tiny`."""
     from .. import demo
 
     if size == "tiny":
@@ -185,8 +185,10 @@ class _Run:
             self.record("no cache (full prefill)", seconds)
 
         def ideal() -> None:
+            from ..integrations.hf import cache_kwargs
+
             pkv, usable, loaded = self.whole._prefix_cache(tokens, 1)  # the prefix KV in a DynamicCache, unclocked
-            got, prefill = self.clock_generate(ids, past_key_values=pkv)
+            got, prefill = self.clock_generate(ids, **cache_kwargs(pkv))
             nb = loaded * self.token_bytes
             self.mem_dst[:nb].zero_()
             t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Issue 5's goals, each judged as a ratio measured in the same run: PASS, MISS (and by how much), or not measured."""
+"""The benchmark's goals, each a ratio measured in the same run: PASS, MISS (and by how much), or not measured."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@
 - Bounds, re-measured in every run: memcpy (torch copy_ of each chunk into a preallocated buffer
   and back, over as many threads as the cache's copy engine) and a plain file of the same bytes
   (writev / readv, no fsync on either side).
-- Cold reads: the files are fsync'ed and evicted with posix_fadvise(DONTNEED), plus
-  /proc/sys/vm/drop_caches when it may be written; the method is reported.
+- Cold reads: the bench's own files are fsync'ed and evicted with posix_fadvise(DONTNEED);
+  the machine-wide /proc/sys/vm/drop_caches only with --drop-caches; the method is reported.
 - Rounds: every probe runs once per round, in a rotating order, after warm-up rounds; each row is
   timed back to back with its bound, alternating which goes first, and ratios are medians of
   same-round ratios, so the drift of a shared machine hits both sides alike.
@@ -33,7 +33,7 @@ from ..config import KVLayout
 
 CHUNK_TOKENS = 256
 REPO = Path(__file__).resolve().parents[2]
-E2E_SIZES = ("off", "tiny", "quick", "default")
+E2E_SIZES = ("off", "tiny", "quick", "full")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class BenchConfig:
     footprint_chunks: int = 8
     scale_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
     scale_probes: int = 15
-    e2e: str = "quick"          # end-to-end workload size: off | tiny | quick (demo --quick) | default (the demo's)
-    drop_caches: bool = True    # also write /proc/sys/vm/drop_caches when permitted
+    e2e: str = "quick"          # end-to-end workload size: off | tiny | quick (the demo's default) | full (demo --full)
+    drop_caches: bool = False   # also write /proc/sys/vm/drop_caches (whole machine; only when asked)
     peers: bool = False
     workdir: str | None = None
     seed: int = 0
@@ -65,7 +65,7 @@ class BenchConfig:
 
 QUICK = BenchConfig()
 FULL = replace(QUICK, chunks=32, footprint_chunks=32, scale_sizes=(1_000, 10_000, 100_000, 1_000_000),
-               e2e="default")
+               e2e="full")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -232,9 +232,11 @@ class Rounds:
 
     def run(self, probes: list[Callable[[int], None]]) -> None:
         total = self.cfg.warmup + self.cfg.rounds
+        t0 = time.perf_counter()
         for r in range(total):
             self._measuring = r >= self.cfg.warmup
-            self.log(f"round {r + 1}/{total}{' (warm-up)' if not self._measuring else ''}")
+            left = "" if r == 0 else f", about {(time.perf_counter() - t0) / r * (total - r):.0f} s of rounds left"
+            self.log(f"round {r + 1}/{total}{' (warm-up)' if not self._measuring else ''}{left}")
             for i in range(len(probes)):
                 probes[(i + r) % len(probes)](r)
 

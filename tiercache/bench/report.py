@@ -7,7 +7,6 @@ import platform
 import re
 import socket
 import subprocess
-from pathlib import Path
 
 import torch
 
@@ -157,7 +156,9 @@ def render_markdown(result: dict) -> str:
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['tier']} | {r['op']} | {r['blocks']:,} | {_fmt_range(r, 2)} | {r['ratio']:.2f}x |"
               for r in result["scale"]]
-    lines += ["", "## Goals (issue 5), all measured in this run", "",
+    for section in result.get("sections", []):
+        lines += ["", f"## {section['title']}", ""] + _table(section["rows"])
+    lines += ["", "## Goals: each a ratio of two figures measured in this run", "",
               "| goal | measured ratio | on | result | missed by |", "| --- | --- | --- | --- | --- |"]
     for g in result["goals"]:
         value = "—" if g["value"] is None else f"{g['value']:.3f}x"
@@ -165,6 +166,18 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_out(machine: dict, date: str) -> Path:
-    base = REPO / "benchmarks" / "results" if (REPO / "benchmarks").is_dir() else Path.cwd()
-    return base / f"{date}-{machine['name']}.md"
+def _table(rows: list[dict]) -> list[str]:
+    """A markdown table of flat dicts (columns: the first row's keys; floats to 3 significant digits)."""
+    if not rows:
+        return ["no rows"]
+    cols = list(rows[0])
+
+    def cell(v: object) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "NO"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    return ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)] + [
+        "| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]

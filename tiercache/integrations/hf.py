@@ -32,7 +32,28 @@ from ..config import KVLayout
 from ..layerwise import KVUnavailable
 from .hf_layerwise import LayerwisePrefixCache
 
-_UNSUPPORTED_KWARGS = ("past_key_values", "inputs_embeds", "cache_implementation", "prefill_chunk_size")
+_UNSUPPORTED_KWARGS = ("cache", "past_key_values", "cache_params", "inputs_embeds", "cache_implementation",
+                       "prefill_chunk_size")
+
+
+def _generate_cache_kwarg() -> str:
+    """The keyword `model.generate` takes a prebuilt KV cache under, in the installed transformers.
+
+    transformers 5.x renamed `past_key_values` to `cache` (the old name still works until 6.0 but
+    warns on every call); older releases only know `past_key_values`. The generation module lists
+    the names it accepts in `ALL_CACHE_NAMES` from the release that introduced `cache`.
+    """
+    from transformers.generation import utils as generation_utils
+
+    return "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+CACHE_KWARG = _generate_cache_kwarg()
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """`generate` kwargs that hand it `cache` (a transformers Cache) under the installed release's name."""
+    return {CACHE_KWARG: cache}
 
 
 def _text_config(model: Any) -> Any:
@@ -113,6 +134,12 @@ def _prompt_ids(input_ids: Any) -> torch.Tensor:
 
 class TierCachedLM:
     """`model.generate` that serves the prompt's cached prefix from `cache` and stores the prompt's new blocks.
+
+    One prompt per call (batch size 1, no padding): the cached prefix is looked up per prompt, and
+    a batch of prompts would share one KV cache object in `generate`. Beam search and
+    `num_return_sequences` work (the prefix is expanded to the beams). Decoder-only models whose
+    every layer is full attention (Llama, Qwen2, Mistral, GPT-2 style); sliding-window and hybrid
+    caches are refused with a ValueError.
 
     `layerwise` (default: on for a model on a CUDA device) overlaps loading layer i+1.. with
     computing layer i; otherwise the whole prefix is loaded before the forward pass.
@@ -241,7 +268,7 @@ class TierCachedLM:
         clock = FirstTokenClock(start=t0)
         model_ids, model_mask = ids.to(self.model.device), attention_mask.to(self.model.device)
         try:
-            out = self.model.generate(model_ids, attention_mask=model_mask, past_key_values=pkv,
+            out = self.model.generate(model_ids, attention_mask=model_mask, **cache_kwargs(pkv),
                                       **with_clock(kwargs, clock))
         except KVUnavailable:
             # a block went corrupt or vanished mid-load: recompute the whole prompt (prefill samples nothing,
@@ -251,7 +278,7 @@ class TierCachedLM:
             self.last_kv_wait_seconds = pkv.kv_wait_seconds
             pkv, self.last_reused_tokens, loaded = DynamicCache(config=self._config), 0, 0
             self.last_loaded_tokens, self.last_reused_by_tier = 0, {}
-            out = self.model.generate(model_ids, attention_mask=model_mask, past_key_values=pkv,
+            out = self.model.generate(model_ids, attention_mask=model_mask, **cache_kwargs(pkv),
                                       **with_clock(kwargs, clock))
         t_generated = time.perf_counter()
         self.last_ttft_seconds = clock.seconds
