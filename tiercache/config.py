@@ -87,6 +87,9 @@ def _positive_int(value: Any, field_name: str) -> int:
     return value
 
 
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Shape of one KV block: [num_layers, planes, block_size, num_kv_heads, head_dim]."""
@@ -155,6 +158,7 @@ class CacheConfig:
     disk_path: Any = None
     disk_bytes: Any = "4GiB"
     remote_url: str | None = None
+    remote_timeout_s: float = 0.5  # per Redis call; a dead server costs a request at most this, then back-off
     write_policy: str = "write_through"
     admission: str = "all"
     eviction: str = "lru"
@@ -190,8 +194,12 @@ class CacheConfig:
                 raise TypeError(f"disk_path: expected a path or None, got {type(self.disk_path).__name__}")
             object.__setattr__(self, "disk_path", os.fspath(self.disk_path))
         if self.remote_url is not None and (not isinstance(self.remote_url, str)
-                                            or not self.remote_url.startswith(("redis://", "rediss://", "unix://"))):
-            raise ValueError(f"remote_url: expected None or a URL like 'redis://host:6379/0', got {self.remote_url!r}")
+                                            or not self.remote_url.startswith(REMOTE_SCHEMES)):
+            raise ValueError(f"remote_url: expected None or a URL like 'redis://host:6379/0' (also rediss://, "
+                             f"unix://, redis+cluster://, rediss+cluster://), got {self.remote_url!r}")
+        if isinstance(self.remote_timeout_s, bool) or not isinstance(self.remote_timeout_s, (int, float)) \
+                or not 0 < self.remote_timeout_s <= 60:
+            raise ValueError(f"remote_timeout_s: expected seconds in (0, 60], got {self.remote_timeout_s!r}")
         from .policy import ADMISSION_POLICIES, EVICTION_POLICIES
         for name, allowed in (("write_policy", WRITE_POLICIES), ("admission", tuple(ADMISSION_POLICIES)),
                               ("hash_algo", HASH_ALGOS), ("compression", COMPRESSIONS)):
