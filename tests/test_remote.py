@@ -108,7 +108,7 @@ def test_corrupt_remote_frame_is_a_miss(redis_server, layout):
         c.store(toks(8), kv)
         c.flush()
         key = c.keys(toks(8))[1]
-        rkey = b"tiercache:v1:" + key
+        rkey = b"tiercache:v2:" + key
         frame = bytearray(redis_server.client.get(rkey))
         frame[-5] ^= 0x22
         redis_server.client.set(rkey, bytes(frame))

@@ -1,18 +1,30 @@
-"""The disk tier: one LMDB environment of codec frames, bounded by bytes.
+"""The disk tier: one LMDB environment of codec frames, bounded by bytes, that survives its files.
 
 Sub-databases:
     blocks  key(16)            -> codec frame
     meta    key(16)            -> seq u64 | charged u64 | raw u32 | frame u32 | ns 8s | created f64 | atime f64
     atime   seq(8, BE) key(16) -> b""            (access index: oldest first, for LRU eviction)
     ns      ns id(8)           -> JSON describing the namespace (never the salt itself)
+    nsref   ns id(8)           -> u64 blocks of that namespace (the row goes with its last block)
     info    b"layout" / b"format" / b"used" / b"seq" -> store-wide facts
 
 Every change happens in one write transaction, so several processes can share
 a path (LMDB: one writer at a time, readers never blocked). Readers see a
-snapshot, so a block being read cannot be evicted from under them. Reads
-use `buffers=True` and decode straight from the memory map. Access times are
-not written on read (that would need a write transaction per hit): readers
-call `note_access` and the writer thread applies them in its next batch.
+snapshot, so a block being read cannot be evicted from under them; reads use
+`buffers=True` and decode straight from the memory map.
+
+Bounds: the map is `disk_bytes` (never less than 1 MiB), so data.mdb never
+grows past it; frames and namespace rows are charged against a budget below
+the map (room for LMDB's copy-on-write pages), and a full map or a full
+filesystem evicts down and retries instead of failing.
+
+Faults never raise from a read or a write and never kill the process: a read
+that fails is a miss, a write that fails is dropped (returned and counted);
+each cause is logged once with the setting to change. A store that cannot be
+read (garbage or truncated data.mdb, a path that is a file, a full filesystem
+before the store exists) turns the tier off (`available` False); a store on a
+read-only filesystem or directory is served read-only (`readonly` True).
+Caller mistakes (another layout, an old store format) raise ValueError.
 """
 
 from __future__ import annotations
@@ -24,22 +36,27 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import lmdb
 
 from ..config import KVLayout
-from ..errors import LayoutMismatch
+from ..errors import LayoutMismatch, OnceLogger
 from ..keys import KEY_BYTES, BlockKey
+from . import lmdb_env
+from .lmdb_env import DIR_MODE, describe_error
 
-FORMAT = b"tiercache-disk-1"
+FORMAT = b"tiercache-disk-2"  # 2: frames bound to their key (codec v2), namespace rows counted and charged
 _META = struct.Struct("<QQII8sdd")
 _SEQ = struct.Struct(">Q")
 _U64 = struct.Struct("<Q")
 PAGE = 4096
 ENTRY_OVERHEAD = 256  # b-tree entries for meta, atime and the key, per block (estimate)
-
-
+NS_ROW_BYTES = 512    # what one namespace row costs against disk_bytes
+MIN_MAP = 1 << 20
 INLINE_MAX = 2000  # LMDB keeps values up to about half a page inside the leaf page
+_MAX_TOUCHED = 1 << 16
+_DBS = (b"blocks", b"meta", b"atime", b"ns", b"nsref", b"info")
 
 
 def charged_bytes(frame_len: int) -> int:
@@ -49,102 +66,425 @@ def charged_bytes(frame_len: int) -> int:
     return -(-frame_len // PAGE) * PAGE + ENTRY_OVERHEAD
 
 
+def _miss(_key: bytes) -> None:
+    return None
+
+
 class DiskTier:
     def __init__(self, path: str, layout: KVLayout, capacity_bytes: int, readonly: bool = False,
-                 writemap: bool = False) -> None:
-        self.path = path
+                 writemap: bool = False, log: OnceLogger | None = None, recorder: Any = None,
+                 _strict: bool = False, _lock: bool = True) -> None:
+        self.path = os.fspath(path)
         self.layout = layout
         self.capacity_bytes = capacity_bytes
-        os.makedirs(path, exist_ok=True)
-        # Room for MVCC copies and free-list fragmentation above the byte bound.
-        map_size = max(int(capacity_bytes * 1.25) + (64 << 20), 64 << 20)
-        self.env = _open_env(path, map_size, readonly, writemap)
-        try:
-            self._open_dbs(readonly)
-        except BaseException:
-            _release_env(self.env)
-            raise
-
-    def _open_dbs(self, readonly: bool) -> None:
-        self._blocks = self.env.open_db(b"blocks", create=not readonly)
-        self._meta = self.env.open_db(b"meta", create=not readonly)
-        self._atime = self.env.open_db(b"atime", create=not readonly)
-        self._ns = self.env.open_db(b"ns", create=not readonly)
-        self._info = self.env.open_db(b"info", create=not readonly)
+        self.readonly = readonly
+        self.available = False
+        self.log = log if log is not None else OnceLogger()
+        self.recorder = recorder
+        self._writemap = writemap
+        self._strict = _strict  # inspect: raise ValueError instead of turning the tier off
+        self._lock_file = _lock
+        self._map_size = max(int(capacity_bytes), MIN_MAP)
+        # charged bytes stay below the map: LMDB needs free pages for copy-on-write and old snapshots
+        self._budget = capacity_bytes if capacity_bytes < 4 * MIN_MAP else int(capacity_bytes * 0.85)
+        self._initial_budget = self._budget
+        self._max_frame = layout.block_bytes * 2 + (64 << 10)
         self._touch_lock = threading.Lock()
         self._touched: dict[BlockKey, float] = {}
-        self._known_ns: set[bytes] = set()
-        self._check_layout(readonly)
+        self._shared: lmdb_env.SharedEnv | None = None
+        self._gen = lmdb_env.generation()
+        self._batches = 0
+        try:
+            self._open()
+        except ValueError:
+            raise
+        except (lmdb.Error, OSError) as e:
+            self._off("open", f"cannot open the store ({describe_error(e)[1]})")
 
-    def _check_layout(self, readonly: bool) -> None:
+    # -- open / state ----------------------------------------------------------------------
+    def _open(self) -> None:
+        path = self.path
+        if os.path.exists(path) and not os.path.isdir(path):
+            return self._off("open", "it is a file, not a directory")
+        data = os.path.join(path, "data.mdb")
+        exists = os.path.exists(data)
+        if not exists and self.readonly:
+            return self._off("open", "no store there to read (no data.mdb)")
+        if not exists:
+            try:
+                os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+                if not os.listdir(path):
+                    os.chmod(path, DIR_MODE)  # a store directory we create is private
+            except OSError as e:
+                return self._off("open", f"cannot create the directory ({e.strerror or e})")
+        if not self.readonly and not os.access(path, os.W_OK):
+            if not exists:
+                return self._off("open", "the directory is not writable")
+            self._go_readonly("the directory is not writable")
+        if not self.readonly and exists and not os.access(data, os.W_OK):
+            self._go_readonly("data.mdb is not writable")
+        try:
+            self._shared = lmdb_env.open_shared(path, self._map_size, self.readonly, self._writemap,
+                                                lock=self._lock_file)
+        except (lmdb.Error, OSError) as e:
+            kind, text = describe_error(e)
+            if kind == "readonly" and exists and not self.readonly:
+                self._go_readonly(text)
+                return self._open()
+            if kind == "full":
+                return self._off("open", f"the filesystem is full ({text}); free space or lower disk_bytes")
+            if kind == "corrupt":
+                return self._off("open", f"it is not a readable LMDB store ({text}); move it away")
+            raise
+        env = self._shared.env
+        try:
+            last = env.info()["last_pgno"]
+            need = (last + 1) * env.stat()["psize"]
+            have = os.path.getsize(data)
+            if have < need:
+                return self._off("open", f"data.mdb is truncated ({have} of {need} bytes); move it away")
+            self._dbs = {b"info": env.open_db(b"info", create=not self.readonly)}
+            self._check_layout()  # before anything else is created: an old store is refused untouched
+            self._dbs.update({n: env.open_db(n, create=not self.readonly) for n in _DBS})
+        except lmdb.NotFoundError:
+            return self._off("open", "it is an LMDB environment but not a tiercache store")
+        except lmdb.Error as e:
+            kind, text = describe_error(e)
+            if kind == "readonly" and not self.readonly:
+                lmdb_env.release(self._shared)
+                self._shared = None
+                self._go_readonly(text)
+                return self._open()
+            return self._off("open", f"the store cannot be read ({text}); move it away")
+        if self._lock_file:
+            try:
+                env.reader_check()  # slots of processes that died inside a read
+            except lmdb.Error:
+                pass
+        self.available = True
+
+    def _off(self, op: str, why: str) -> None:
+        """Turn the tier off: one log line naming the cause and the setting, one counted error."""
+        self.available = False
+        if self._shared is not None:
+            shared, self._shared = self._shared, None
+            try:
+                lmdb_env.release(shared)
+            except lmdb.Error:
+                pass
+        if self._strict:
+            raise ValueError(f"disk_path: {self.path}: {why}")
+        self._count(op)
+        self.log.warning("disk-off", "tiercache: disk tier off: disk_path=%s: %s; serving from memory "
+                         "(set disk_path to a writable directory, or disk_path=None)", self.path, why)
+
+    def _go_readonly(self, why: str) -> None:
+        self.readonly = True
+        self.log.warning("disk-readonly", "tiercache: disk tier read-only: disk_path=%s: %s; blocks are "
+                         "served from it but no longer written (give disk_path a writable directory)",
+                         self.path, why)
+
+    def _count(self, op: str) -> None:
+        if self.recorder is not None:
+            self.recorder.error("disk", op)
+
+    def _check_layout(self) -> None:
         want = json.dumps(self.layout.to_dict(), sort_keys=True).encode()
-        with self.env.begin(write=not readonly) as txn:
-            fmt = txn.get(b"format", db=self._info)
-            have = txn.get(b"layout", db=self._info)
+        info = self._dbs[b"info"]
+        with self._shared.env.begin(write=not self.readonly) as txn:
+            fmt = txn.get(b"format", db=info)
+            have = txn.get(b"layout", db=info)
             if fmt is not None and fmt != FORMAT:
-                raise LayoutMismatch(f"disk_path: {self.path} holds format {fmt.decode(errors='replace')}, "
-                                     f"expected {FORMAT.decode()}")
+                self._release_quietly()
+                raise LayoutMismatch(
+                    f"disk_path: {self.path} holds a store of format {fmt.decode(errors='replace')} "
+                    f"(an older tiercache), this one reads {FORMAT.decode()}; delete that directory or "
+                    f"set another disk_path")
             if have is not None and have != want:
+                self._release_quietly()
                 raise LayoutMismatch(
                     f"layout: the store at disk_path={self.path} holds KV of layout {have.decode()}, "
                     f"but this cache was opened with {want.decode()}; use another disk_path for another layout")
-            if have is None and not readonly:
-                txn.put(b"format", FORMAT, db=self._info)
-                txn.put(b"layout", want, db=self._info)
+            if have is None and not self.readonly:
+                txn.put(b"format", FORMAT, db=info)
+                txn.put(b"layout", want, db=info)
 
-    # -- reads ---------------------------------------------------------------------------
+    def _release_quietly(self) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            lmdb_env.release(shared)
+
+    def _state(self) -> lmdb_env.SharedEnv | None:
+        """The environment, reopened first if this process is a fork() child of the one that opened it."""
+        if self._gen != lmdb_env.generation():
+            self._gen = lmdb_env.generation()
+            self._touch_lock = threading.Lock()
+            self._touched = {}
+            self._shared = None  # the parent's: abandoned, never used here
+            if self.available:
+                self.available = False
+                try:
+                    self._open()
+                except (ValueError, lmdb.Error, OSError) as e:
+                    self._off("open", f"cannot reopen after fork ({e})")
+        return self._shared if self.available else None
+
+    def _fault(self, op: str, e: BaseException) -> None:
+        """A read or write failed: count it, log it once, and turn off or go read-only where needed."""
+        kind, text = describe_error(e)
+        if kind == "corrupt":
+            return self._off(op, f"the store is corrupt ({text}); delete it or set another disk_path")
+        if kind == "readonly":
+            if not self.readonly:
+                self._go_readonly(text)
+            return self._count(op)
+        self._count(op)
+        if kind == "full":
+            self.log.warning("disk-full", "tiercache: disk tier: the filesystem of disk_path=%s is full (%s); "
+                             "evicting to fit the space there is (lower disk_bytes or free space)", self.path, text)
+        else:
+            self.log.warning("disk-io-" + op, "tiercache: disk tier %s failed at disk_path=%s: %s",
+                             op, self.path, text)
+
+    @contextmanager
+    def _read_txn(self, db: bytes, op: str) -> Iterator[lmdb.Transaction | None]:
+        """A read transaction inside the shared read lock; None when the tier cannot be read."""
+        for _attempt in range(2):
+            shared = self._state()
+            if shared is None:
+                yield None
+                return
+            shared.rw.acquire_read()
+            try:
+                txn = shared.env.begin(db=self._dbs[db], buffers=True)
+            except lmdb.MapResizedError:
+                shared.rw.release_read()
+                if not shared.adopt():
+                    yield None
+                    return
+                continue
+            except lmdb.Error as e:
+                shared.rw.release_read()
+                self._fault(op, e)
+                yield None
+                return
+            try:
+                yield txn
+            finally:
+                try:
+                    txn.abort()
+                finally:
+                    shared.rw.release_read()
+            return
+        yield None
+
+    # -- reads -----------------------------------------------------------------------------
     def count_prefix(self, keys: list[BlockKey]) -> int:
-        """How many of `keys`, from the first, are stored."""
+        """How many of `keys`, from the first, are stored (0 on a fault)."""
         n = 0
-        # membership through the small meta records: a get on a multi-MiB frame costs far more
-        with self.env.begin(db=self._meta, buffers=True) as txn:
-            for k in keys:
-                if txn.get(k) is None:
-                    break
-                n += 1
+        with self._read_txn(b"meta", "lookup") as txn:
+            if txn is None:
+                return 0
+            try:
+                for k in keys:
+                    if txn.get(k) is None:
+                        break
+                    n += 1
+            except lmdb.Error as e:
+                self._fault("lookup", e)
+                return 0
         return n
 
     def count_each(self, keys: list[BlockKey]) -> list[bool]:
-        """Whether each key is stored (one snapshot)."""
-        with self.env.begin(db=self._meta, buffers=True) as txn:
-            return [txn.get(k) is not None for k in keys]
+        """Whether each key is stored, in one snapshot (all False on a fault)."""
+        with self._read_txn(b"meta", "lookup") as txn:
+            if txn is not None:
+                try:
+                    return [txn.get(k) is not None for k in keys]
+                except lmdb.Error as e:
+                    self._fault("lookup", e)
+        return [False] * len(keys)
 
     @contextmanager
     def reader(self) -> Iterator[Callable[[BlockKey], memoryview | None]]:
-        """A read snapshot: `get(key)` returns the frame as a memoryview valid until the block exits."""
-        with self.env.begin(db=self._blocks, buffers=True) as txn:
-            yield txn.get
+        """A read snapshot: `get(key)` returns the frame as a memoryview valid until the block exits.
+
+        `get` never raises for a storage fault: it returns None (counted, logged once).
+        """
+        with self._read_txn(b"blocks", "load") as txn:
+            if txn is None:
+                yield _miss
+                return
+            limit = self._max_frame
+
+            def get(key: BlockKey) -> memoryview | None:
+                try:
+                    v = txn.get(key)
+                except lmdb.Error as e:
+                    self._fault("load", e)
+                    return None
+                if v is not None and len(v) > limit:  # no frame of this layout is that long
+                    self._count("load")
+                    return None
+                return v
+            yield get
+
+    def keys(self) -> Iterator[BlockKey]:
+        """Every stored block key, read in chunks (no transaction is held between chunks)."""
+        after = b""
+        while True:
+            chunk: list[BlockKey] = []
+            with self._read_txn(b"meta", "keys") as txn:
+                if txn is None:
+                    return
+                try:
+                    cur = txn.cursor()
+                    ok = cur.set_range(after) if after else cur.first()
+                    for k in (cur.iternext(keys=True, values=False) if ok else ()):
+                        k = bytes(k)
+                        if k == after:
+                            continue
+                        chunk.append(BlockKey(k))
+                        if len(chunk) >= 4096:
+                            break
+                except lmdb.Error as e:
+                    self._fault("keys", e)
+                    return
+            yield from chunk
+            if len(chunk) < 4096:
+                return
+            after = chunk[-1]
+
+    def change_counter(self) -> int:
+        """LMDB's last committed transaction id: it moves whenever any process writes."""
+        shared = self._state()
+        if shared is None:
+            return 0
+        try:
+            return shared.env.info()["last_txnid"]
+        except lmdb.Error:
+            return 0
 
     def note_access(self, keys: Iterable[BlockKey]) -> None:
         now = time.time()
         with self._touch_lock:
             for k in keys:
+                if len(self._touched) >= _MAX_TOUCHED:
+                    break  # the writer is behind: recency of the rest is lost, memory stays bounded
                 self._touched[k] = now
 
     def used(self) -> tuple[int, int]:
         """(charged bytes, blocks) as recorded by the last committed write."""
-        with self.env.begin(db=self._info) as txn:
-            raw = txn.get(b"used")
-        if raw is None:
-            return 0, 0
-        used, blocks = struct.unpack("<QQ", raw)
+        with self._read_txn(b"info", "stats") as txn:
+            if txn is None:
+                return 0, 0
+            try:
+                raw = txn.get(b"used")
+            except lmdb.Error as e:
+                self._fault("stats", e)
+                return 0, 0
+            if raw is None:
+                return 0, 0
+            used, blocks = struct.unpack("<QQ", raw)
         return used, blocks
 
     # -- writes (called from the writer thread) --------------------------------------------
     def write_batch(self, items: list[tuple[BlockKey, bytes, bytes, dict]],
-                    deletes: Iterable[BlockKey] = ()) -> tuple[list[BlockKey], list[BlockKey]]:
-        """Put frames, evicting least recently used blocks to stay within capacity.
+                    deletes: Iterable[BlockKey] = ()) -> tuple[list[BlockKey], list[BlockKey], list[BlockKey]]:
+        """Put frames, evicting least recently used blocks to stay within the budget.
 
-        items: (key, frame, ns_id, ns_description). Returns (written, evicted).
-        Raises lmdb.MapFullError if the map cannot take the batch; the caller
-        evicts more (`evict_bytes`) and retries.
+        items: (key, frame, ns_id, ns_description). Returns (written, evicted, dropped): dropped are
+        keys not written because of a fault or a read-only/off tier (counted as dropped writes here).
+        Never raises for a storage fault: a full map or filesystem evicts more and retries.
         """
-        written: list[BlockKey] = []
-        evicted: list[BlockKey] = []
+        deletes = list(deletes)
         with self._touch_lock:
             touched, self._touched = self._touched, {}
+        shared = self._state()
+        result: tuple[list[BlockKey], list[BlockKey]] | None = None
+        if shared is not None and not self.readonly:
+            with shared.wlock:
+                result = self._write_with_retries(shared, items, deletes, touched)
+        if result is None:
+            dropped = [k for k, *_ in items]
+            if dropped and self.recorder is not None:
+                self.recorder.dropped_write("disk", len(dropped))
+            return [], [], dropped
+        written, evicted = result
+        kept = set(written)
+        dropped = [k for k, frame, *_ in items if k not in kept and charged_bytes(len(frame)) > self._budget]
+        if dropped and self.recorder is not None:
+            self.recorder.dropped_write("disk", len(dropped))
+        return written, evicted, dropped
+
+    def _write_with_retries(self, shared: lmdb_env.SharedEnv, items: list, deletes: list,
+                            touched: dict) -> tuple[list[BlockKey], list[BlockKey]] | None:
+        evicted: list[BlockKey] = []
+        self._batches += 1
+        if self._batches % 256 == 0:
+            self._reader_check(shared)
+            self._budget = min(self._budget + self.capacity_bytes // 100, self._initial_budget)
+        for _attempt in range(4):
+            try:
+                written, gone = self._write_txn(shared.env, items, deletes, touched)
+                return written, evicted + gone
+            except lmdb.MapResizedError:
+                try:
+                    with shared.rw.exclusive():
+                        shared.env.set_mapsize(0)  # another process grew the file: adopt its map
+                except lmdb.Error as e:
+                    self._fault("store", e)
+                    return None
+                continue
+            except (lmdb.Error, OSError) as e:
+                kind, _ = describe_error(e)
+                if kind != "full":
+                    self._fault("store", e)
+                    self._reader_check(shared)
+                    return None
+                if not isinstance(e, lmdb.MapFullError):
+                    self._fault("store", e)  # ENOSPC: logged once, naming disk_path and disk_bytes
+                else:
+                    self._count("store_map_full")
+                self._reader_check(shared)
+                try:
+                    evicted += self._shrink(shared.env, items, isinstance(e, lmdb.MapFullError))
+                except lmdb.Error as e2:
+                    self._fault("store", e2)
+                    return None
+                deletes, touched = [], {}
+        return None
+
+    def _shrink(self, env: lmdb.Environment, items: list, map_full: bool) -> list[BlockKey]:
+        """After a full map or filesystem: lower the budget, evict down to it, let LMDB reclaim the pages.
+
+        The budget creeps back up while writes succeed (see `_write_with_retries`).
+        """
+        need = sum(charged_bytes(len(f)) for _, f, *_ in items)
+        with env.begin(write=True) as txn:
+            used, blocks, seq = self._load_counters(txn)
+            self._budget = min(self._budget, used) * 9 // 10
+            freed, gone = self._evict(txn, used + need - self._budget)
+            self._store_counters(txn, used - freed, blocks - len(gone), seq)
+        for _ in range(2):  # pages freed by a transaction are reusable once two more have committed
+            with env.begin(write=True) as txn:
+                txn.put(b"tick", b"", db=self._dbs[b"info"])
+        return gone
+
+    def _reader_check(self, shared: lmdb_env.SharedEnv) -> None:
+        if self._lock_file:
+            try:
+                shared.env.reader_check()
+            except lmdb.Error:
+                pass
+
+    def _write_txn(self, env: lmdb.Environment, items: list, deletes: list,
+                   touched: dict) -> tuple[list[BlockKey], list[BlockKey]]:
+        written: list[BlockKey] = []
+        evicted: list[BlockKey] = []
+        meta_db, atime_db, blocks_db = self._dbs[b"meta"], self._dbs[b"atime"], self._dbs[b"blocks"]
         now = time.time()
-        with self.env.begin(write=True) as txn:
+        with env.begin(write=True) as txn:
             used, blocks, seq = self._load_counters(txn)
             for k in deletes:
                 charged = self._delete(txn, k)
@@ -152,100 +492,130 @@ class DiskTier:
                     used -= charged
                     blocks -= 1
             for k, ts in touched.items():
-                meta = txn.get(k, db=self._meta)
+                meta = txn.get(k, db=meta_db)
                 if meta is None:
                     continue
                 old_seq, charged, raw_len, flen, ns, created, _ = _META.unpack(meta)
-                txn.delete(_SEQ.pack(old_seq) + k, db=self._atime)
+                txn.delete(_SEQ.pack(old_seq) + k, db=atime_db)
                 seq += 1
-                txn.put(_SEQ.pack(seq) + k, b"", db=self._atime)
-                txn.put(k, _META.pack(seq, charged, raw_len, flen, ns, created, ts), db=self._meta)
+                txn.put(_SEQ.pack(seq) + k, b"", db=atime_db)
+                txn.put(k, _META.pack(seq, charged, raw_len, flen, ns, created, ts), db=meta_db)
             for k, frame, ns_id, ns_desc in items:
-                if txn.get(k, db=self._meta) is not None:
+                if txn.get(k, db=meta_db) is not None:
                     continue  # already stored (by us or another process): keep the first copy
                 charged = charged_bytes(len(frame))
-                if charged > self.capacity_bytes:
+                if charged > self._budget:
                     continue
-                if used + charged > self.capacity_bytes:
-                    freed, gone = self._evict(txn, used + charged - self.capacity_bytes)
+                ns_cost = self._ns_add(txn, ns_id, ns_desc)
+                if used + charged + ns_cost > self._budget:
+                    freed, gone = self._evict(txn, used + charged + ns_cost - self._budget)
                     used -= freed
                     blocks -= len(gone)
                     evicted += gone
                 seq += 1
-                txn.put(k, frame, db=self._blocks)
+                txn.put(k, frame, db=blocks_db)
                 txn.put(k, _META.pack(seq, charged, self.layout.block_bytes, len(frame), ns_id, now, now),
-                        db=self._meta)
-                txn.put(_SEQ.pack(seq) + k, b"", db=self._atime)
-                if ns_id not in self._known_ns:
-                    txn.put(ns_id, json.dumps(ns_desc, sort_keys=True).encode(), db=self._ns)
-                    self._known_ns.add(ns_id)
-                used += charged
+                        db=meta_db)
+                txn.put(_SEQ.pack(seq) + k, b"", db=atime_db)
+                used += charged + ns_cost
                 blocks += 1
                 written.append(k)
             self._store_counters(txn, used, blocks, seq)
         return written, evicted
 
+    def _ns_add(self, txn: lmdb.Transaction, ns_id: bytes, desc: dict) -> int:
+        """Count one more block of namespace `ns_id`; returns the bytes a new row costs."""
+        ref_db = self._dbs[b"nsref"]
+        raw = txn.get(ns_id, db=ref_db)
+        n = _U64.unpack(raw)[0] if raw else 0
+        txn.put(ns_id, _U64.pack(n + 1), db=ref_db)
+        if n:
+            return 0
+        txn.put(ns_id, json.dumps(desc, sort_keys=True).encode(), db=self._dbs[b"ns"])
+        return NS_ROW_BYTES
+
+    def _ns_drop(self, txn: lmdb.Transaction, ns_id: bytes) -> int:
+        """One block of `ns_id` is gone; returns the bytes freed if it was the namespace's last."""
+        ref_db = self._dbs[b"nsref"]
+        raw = txn.get(ns_id, db=ref_db)
+        n = _U64.unpack(raw)[0] if raw else 0
+        if n > 1:
+            txn.put(ns_id, _U64.pack(n - 1), db=ref_db)
+            return 0
+        txn.delete(ns_id, db=ref_db)
+        txn.delete(ns_id, db=self._dbs[b"ns"])
+        return NS_ROW_BYTES if raw else 0
+
     def evict_bytes(self, nbytes: int) -> list[BlockKey]:
-        with self.env.begin(write=True) as txn:
-            used, blocks, seq = self._load_counters(txn)
-            freed, gone = self._evict(txn, nbytes)
-            self._store_counters(txn, used - freed, blocks - len(gone), seq)
+        """Evict least recently used blocks worth `nbytes` (nothing on a fault)."""
+        shared = self._state()
+        if shared is None or self.readonly:
+            return []
+        try:
+            with shared.wlock, shared.env.begin(write=True) as txn:
+                used, blocks, seq = self._load_counters(txn)
+                freed, gone = self._evict(txn, nbytes)
+                self._store_counters(txn, used - freed, blocks - len(gone), seq)
+        except lmdb.Error as e:
+            self._fault("evict", e)
+            return []
         return gone
 
-    def grow_map(self, factor: float = 1.25, limit_bytes: int | None = None) -> bool:
-        cur = self.env.info()["map_size"]
-        new = int(cur * factor)
-        limit = limit_bytes or (self.capacity_bytes * 2 + (128 << 20))
-        if new > limit:
-            return False
-        self.env.set_mapsize(new)
-        return True
-
     def _load_counters(self, txn: lmdb.Transaction) -> tuple[int, int, int]:
-        raw = txn.get(b"used", db=self._info)
+        info = self._dbs[b"info"]
+        raw = txn.get(b"used", db=info)
         used, blocks = struct.unpack("<QQ", raw) if raw else (0, 0)
-        raw = txn.get(b"seq", db=self._info)
+        raw = txn.get(b"seq", db=info)
         seq = _U64.unpack(raw)[0] if raw else 0
         return used, blocks, seq
 
     def _store_counters(self, txn: lmdb.Transaction, used: int, blocks: int, seq: int) -> None:
-        txn.put(b"used", struct.pack("<QQ", max(used, 0), max(blocks, 0)), db=self._info)
-        txn.put(b"seq", _U64.pack(seq), db=self._info)
+        info = self._dbs[b"info"]
+        txn.put(b"used", struct.pack("<QQ", max(used, 0), max(blocks, 0)), db=info)
+        txn.put(b"seq", _U64.pack(seq), db=info)
 
     def _delete(self, txn: lmdb.Transaction, k: bytes) -> int:
-        meta = txn.get(k, db=self._meta)
+        meta = txn.get(k, db=self._dbs[b"meta"])
         if meta is None:
-            txn.delete(k, db=self._blocks)  # a frame without meta should not exist; be thorough
+            txn.delete(k, db=self._dbs[b"blocks"])  # a frame without meta should not exist; be thorough
             return 0
-        seq, charged = _META.unpack(meta)[:2]
-        txn.delete(k, db=self._blocks)
-        txn.delete(k, db=self._meta)
-        txn.delete(_SEQ.pack(seq) + k, db=self._atime)
-        return charged
+        seq, charged, _, _, ns = _META.unpack(meta)[:5]
+        txn.delete(k, db=self._dbs[b"blocks"])
+        txn.delete(k, db=self._dbs[b"meta"])
+        txn.delete(_SEQ.pack(seq) + k, db=self._dbs[b"atime"])
+        return charged + self._ns_drop(txn, ns)
 
     def _evict(self, txn: lmdb.Transaction, need: int) -> tuple[int, list[BlockKey]]:
         """Delete least recently used blocks until `need` bytes are freed."""
-        freed = 0
-        gone: list[BlockKey] = []
-        cur = txn.cursor(db=self._atime)
+        if need <= 0:
+            return 0, []
+        meta_db = self._dbs[b"meta"]
         victims = []
+        freed = 0
+        cur = txn.cursor(db=self._dbs[b"atime"])
         if cur.first():
             for idx in cur.iternext(keys=True, values=False):
                 victims.append(bytes(idx[8:]))
-                meta = txn.get(victims[-1], db=self._meta)
+                meta = txn.get(victims[-1], db=meta_db)
                 freed += _META.unpack(meta)[1] if meta else 0
                 if freed >= need:
                     break
         freed = 0
         for k in victims:
             freed += self._delete(txn, k)
-            gone.append(BlockKey(k))
-        return freed, gone
+        return freed, [BlockKey(k) for k in victims]
 
-    # -- inspection ------------------------------------------------------------------------
-    def iter_meta(self):
+    # -- inspection (may raise lmdb errors: `tiercache inspect` words them) --------------------
+    @property
+    def env(self) -> lmdb.Environment:
+        shared = self._state()
+        if shared is None:
+            raise ValueError(f"disk_path: {self.path}: the disk tier is off")
+        return shared.env
+
+    def iter_meta(self) -> Iterator[tuple[BlockKey, dict]]:
         """Yield (key, meta dict) for every stored block."""
-        with self.env.begin(db=self._meta) as txn:
+        with self.env.begin(db=self._dbs[b"meta"]) as txn:
             for k, v in txn.cursor():
                 seq, charged, raw_len, flen, ns, created, atime = _META.unpack(v)
                 yield BlockKey(bytes(k[:KEY_BYTES])), {"seq": seq, "charged": charged, "raw_len": raw_len,
@@ -253,74 +623,54 @@ class DiskTier:
                                                       "atime": atime}
 
     def namespaces(self) -> dict[bytes, dict]:
-        with self.env.begin(db=self._ns) as txn:
+        with self.env.begin(db=self._dbs[b"ns"]) as txn:
             return {bytes(k): json.loads(v) for k, v in txn.cursor()}
 
     def stored_layout(self) -> dict | None:
-        with self.env.begin(db=self._info) as txn:
+        with self.env.begin(db=self._dbs[b"info"]) as txn:
             raw = txn.get(b"layout")
         return json.loads(raw) if raw else None
 
     def close(self) -> None:
-        _release_env(self.env)
-
-
-# LMDB forbids opening one environment twice in a process; caches on the same path share it.
-_ENVS: dict[str, list] = {}  # realpath -> [env, refcount]
-_ENVS_LOCK = threading.Lock()
-
-
-def _open_env(path: str, map_size: int, readonly: bool, writemap: bool = False) -> lmdb.Environment:
-    real = os.path.realpath(path)
-    with _ENVS_LOCK:
-        entry = _ENVS.get(real)
-        if entry is not None:
-            entry[1] += 1
-            env = entry[0]
-            if not readonly and env.info()["map_size"] < map_size:
-                env.set_mapsize(map_size)
-            return env
-        # writemap writes frames straight into the shared map: measured 5-10x faster puts of
-        # multi-MiB values than LMDB's malloc'd dirty pages + write(). But the file is then sparse,
-        # and a full filesystem turns a write into SIGBUS instead of an error, so it is opt-in.
-        writemap = writemap and not readonly
-        env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, readonly=readonly,
-                        readahead=True, sync=False, metasync=False, lock=True, max_readers=1024,
-                        writemap=writemap, map_async=writemap)
-        _ENVS[real] = [env, 1]
-        return env
-
-
-def _release_env(env: lmdb.Environment) -> None:
-    with _ENVS_LOCK:
-        for real, entry in list(_ENVS.items()):
-            if entry[0] is env:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del _ENVS[real]
-                    try:
-                        env.sync(True)
-                    except lmdb.Error:
-                        pass  # read-only environments cannot sync
-                    env.close()
-                return
+        if self._gen != lmdb_env.generation():
+            self._shared = None  # inherited across fork: abandoned, not closed
+        shared, self._shared = self._shared, None
+        self.available = False
+        if shared is not None:
+            lmdb_env.release(shared)
 
 
 def open_existing(path: str, readonly: bool = True) -> DiskTier:
-    """Open a store with the layout it records (for `tiercache inspect`); ValueError if none is there."""
-    if not os.path.exists(os.path.join(path, "data.mdb")):
+    """Open a store with the layout it records (for `tiercache inspect`); ValueError naming the cause.
+
+    Read-only opens take no lock file (nothing is written to the store's directory).
+    """
+    path = os.fspath(path)
+    data = os.path.join(path, "data.mdb")
+    if not os.path.exists(data):
         raise ValueError(f"path: no tiercache disk store at {path} (no data.mdb)")
-    env = _open_env(path, 0, readonly=True)
     try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=8, subdir=True)
+    except lmdb.Error as e:
+        raise ValueError(f"path: {path} is not a readable LMDB store ({e})") from None
+    try:
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if os.path.getsize(data) < need:
+            raise ValueError(f"path: {path}: data.mdb is truncated ({os.path.getsize(data)} of {need} bytes)")
         with env.begin() as txn:
             if txn.get(b"info") is None:
                 raise ValueError(f"path: {path} is an LMDB environment but not a tiercache store")
         info_db = env.open_db(b"info", create=False)
         with env.begin(db=info_db) as txn:
-            raw = txn.get(b"layout")
+            raw, fmt = txn.get(b"layout"), txn.get(b"format")
+    except lmdb.Error as e:
+        raise ValueError(f"path: {path}: the store is corrupt ({e})") from None
     finally:
-        _release_env(env)
+        env.close()
     if raw is None:
         raise ValueError(f"path: {path} holds no layout record; not a tiercache store")
+    if fmt != FORMAT:
+        raise ValueError(f"path: {path} holds a store of format {(fmt or b'?').decode(errors='replace')}, "
+                         f"this tiercache reads {FORMAT.decode()}")
     layout = KVLayout(**json.loads(raw))
-    return DiskTier(path, layout, capacity_bytes=0, readonly=readonly)
+    return DiskTier(path, layout, capacity_bytes=0, readonly=readonly, _strict=True, _lock=not readonly)

@@ -1,0 +1,225 @@
+"""One LMDB environment per store path per process, safe to resize, safe across fork().
+
+LMDB's rules, and how they are kept here:
+
+- An environment may be opened once per process: caches on the same path
+  share one `SharedEnv` (reference counted).
+- `set_mapsize` unmaps and remaps the file: a reader of this process inside
+  the old map would fault (SIGSEGV/SIGBUS). Readers hold `rw.read()` for the
+  life of their transaction, a resize holds `rw.exclusive()` (and the write
+  lock), so the two never overlap.
+- Another process may grow the file past this process's map: LMDB then
+  refuses every transaction with MapResizedError until the map is adopted
+  with `set_mapsize(0)`, done here under the same exclusive lock.
+- An environment must not be used across fork(): the child abandons every
+  inherited environment (never closing it: that would touch the parent's
+  reader slots) and reopens on first use (`generation()` changes).
+- A full filesystem must be an error, not SIGBUS: the lock file (which LMDB
+  maps and writes through memory) is allocated up front, and under writemap
+  so is the data file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lmdb
+
+MAX_READERS = 1024
+LOCK_FILE_BYTES = 128 << 10  # >= LMDB's reader table for MAX_READERS readers (64 B each + header)
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class RWLock:
+    """Many readers or one exclusive holder; reentrant for readers of one thread; writers go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._local = threading.local()
+
+    def depth(self) -> int:
+        return getattr(self._local, "d", 0)
+
+    def acquire_read(self) -> None:
+        d = getattr(self._local, "d", 0)
+        if d:
+            self._local.d = d + 1
+            return
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        self._local.d = 1
+
+    def release_read(self) -> None:
+        d = self._local.d - 1
+        self._local.d = d
+        if d:
+            return
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if self.depth():
+            raise RuntimeError("a reader of this thread cannot take the exclusive lock")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class SharedEnv:
+    """An open environment and the locks every user of it in this process shares."""
+
+    def __init__(self, env: lmdb.Environment, real: str, readonly: bool, writemap: bool) -> None:
+        self.env = env
+        self.real = real
+        self.readonly = readonly
+        self.writemap = writemap
+        self.refs = 1
+        self.rw = RWLock()
+        self.wlock = threading.Lock()  # one write transaction (or resize) at a time in this process
+
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def grow(self, map_size: int) -> None:
+        """Grow the map to `map_size` (never shrink) with no reader or writer of this process inside it."""
+        with self.wlock, self.rw.exclusive():
+            if self.env.info()["map_size"] >= map_size:
+                return
+            if self.writemap:
+                _preallocate(os.path.join(self.real, "data.mdb"), map_size)
+            self.env.set_mapsize(map_size)
+
+    def adopt(self) -> bool:
+        """Adopt a map another process grew (after MapResizedError). False if this thread is inside a read."""
+        if self.rw.depth():
+            return False
+        with self.wlock, self.rw.exclusive():
+            self.env.set_mapsize(0)
+        return True
+
+
+_ENVS: dict[str, SharedEnv] = {}
+_LOCK = threading.Lock()
+_GENERATION = 0
+_ABANDONED: list[lmdb.Environment] = []  # inherited across fork: never used, never closed
+
+
+def _after_fork_in_child() -> None:
+    global _GENERATION, _LOCK
+    _GENERATION += 1
+    _LOCK = threading.Lock()  # another thread may have held it at fork time
+    _ABANDONED.extend(s.env for s in _ENVS.values())
+    _ENVS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def generation() -> int:
+    """Changes in a child after fork(): environments opened before it must be reopened."""
+    return _GENERATION
+
+
+def _preallocate(path: str, nbytes: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        if os.fstat(fd).st_size < nbytes:
+            os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+
+
+def open_shared(path: str, map_size: int, readonly: bool, writemap: bool, lock: bool = True) -> SharedEnv:
+    """Open (or share) the environment at `path`. Raises lmdb.Error / OSError; the caller words them."""
+    real = os.path.realpath(path)
+    with _LOCK:
+        shared = _ENVS.get(real)
+        if shared is not None:
+            shared.refs += 1
+    if shared is not None:
+        if not readonly and not shared.readonly and map_size > shared.map_size():
+            shared.grow(map_size)
+        return shared
+    writemap = writemap and not readonly
+    if not readonly:
+        lock_path = os.path.join(path, "lock.mdb")
+        if not os.path.exists(lock_path):
+            # LMDB sizes the lock file with ftruncate and writes it through a shared map: on a full
+            # filesystem the first write into it is SIGBUS. Allocating it first makes that ENOSPC.
+            _preallocate(lock_path, LOCK_FILE_BYTES)
+        if writemap:
+            try:
+                _preallocate(os.path.join(path, "data.mdb"), map_size)
+            except OSError:
+                writemap = False  # no room for the whole map: plain writes report a full disk as an error
+    kw = dict(map_size=map_size, max_dbs=8, subdir=True, readonly=readonly, readahead=True, sync=False,
+              metasync=False, max_readers=MAX_READERS, writemap=writemap, map_async=writemap, mode=FILE_MODE)
+    try:
+        env = lmdb.open(path, lock=lock, **kw)
+    except lmdb.Error:
+        if not readonly or not lock:
+            raise
+        env = lmdb.open(path, lock=False, **kw)  # a read-only medium without a usable lock file
+    with _LOCK:
+        other = _ENVS.get(real)
+        if other is not None:  # another thread opened it meanwhile: use that one
+            other.refs += 1
+            env.close()
+            return other
+        shared = _ENVS[real] = SharedEnv(env, real, readonly, writemap)
+    return shared
+
+
+def release(shared: SharedEnv) -> None:
+    with _LOCK:
+        shared.refs -= 1
+        if shared.refs > 0 or _ENVS.get(shared.real) is not shared:
+            return
+        del _ENVS[shared.real]
+    with shared.wlock, shared.rw.exclusive():
+        try:
+            shared.env.sync(True)
+        except lmdb.Error:
+            pass  # read-only environments cannot sync
+        shared.env.close()
+
+
+def describe_error(e: BaseException) -> tuple[str, str]:
+    """(kind, text) of a storage error: kind is one of full, readonly, corrupt, io."""
+    text = str(e)
+    err = getattr(e, "errno", None)
+    low = text.lower()
+    if err == errno.ENOSPC or "no space left" in low or isinstance(e, lmdb.MapFullError):
+        return "full", text
+    if err in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only file system" in low \
+            or "permission denied" in low or isinstance(e, lmdb.ReadonlyError):
+        return "readonly", text
+    if isinstance(e, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError,
+                      lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError)):
+        return "corrupt", text
+    return "io", text
