@@ -1,0 +1,64 @@
+"""Run one vLLM engine over a script of prompts, in its own process, and write what happened as JSON.
+
+    python tests/vllm/driver.py SPEC.json OUT.json
+
+SPEC: {"model": dir, "extra": {...} | null (no connector), "multiprocess": bool,
+       "llm": {LLM kwargs}, "phases": [{"prompts": [[ids]], "salts": [str|null] | null,
+       "max_tokens": int, "reset_prefix_cache": bool}]}
+OUT:  {"phases": [{"outputs": [[ids]], "finish": [reason]}], "metrics": {name: value}}
+
+A fresh process per engine: vLLM keeps process-wide state, and the tests need a cold vLLM
+prefix cache in a second process over the same tiercache store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def kv_transfer_config(extra: dict) -> dict:
+    return {"kv_connector": "TierCacheConnector", "kv_connector_module_path": "tiercache.integrations.vllm",
+            "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("multiprocess") else "0"
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kwargs = dict(model=spec["model"], enforce_eager=True, dtype="bfloat16", seed=0, disable_log_stats=False,
+                  max_model_len=4096)
+    kwargs.update(spec.get("llm", {}))
+    if spec.get("extra") is not None:
+        kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer_config(spec["extra"]))
+    llm = LLM(**kwargs)
+    result: dict = {"phases": []}
+    for phase in spec["phases"]:
+        if phase.get("reset_prefix_cache"):
+            llm.reset_prefix_cache()
+        salts = phase.get("salts") or [None] * len(phase["prompts"])
+        prompts = [{"prompt_token_ids": p, **({"cache_salt": s} if s is not None else {})}
+                   for p, s in zip(phase["prompts"], salts)]
+        params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        result["phases"].append({"outputs": [list(o.outputs[0].token_ids) for o in outs],
+                                 "finish": [o.outputs[0].finish_reason for o in outs]})
+    metrics: dict = {}
+    for m in llm.get_metrics():
+        value = getattr(m, "value", None)
+        if isinstance(value, (int, float)):
+            key = m.name + ("" if not m.labels else json.dumps({k: v for k, v in m.labels.items()
+                                                              if k not in ("model_name", "engine")},
+                                                             sort_keys=True))
+            metrics[key] = metrics.get(key, 0) + value
+    result["metrics"] = metrics
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    del llm
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,114 @@
+"""tiercache under vLLM: a KV connector (vLLM's GPU prefix cache above, tiercache's tiers below).
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "TierCacheConnector",
+        "kv_connector_module_path": "tiercache.integrations.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"disk_path": "/var/cache/tiercache", "disk_bytes": "500GiB",
+                                      "host_bytes": "32GiB"}}'
+
+The extra-config keys are `CacheConfig` field names (unknown ones are an error naming the key);
+layout, model id and tensor-parallel rank come from vLLM. vLLM builds one instance per role:
+the scheduler's (`vllm_scheduler.SchedulerSide`: lookups and plans, no KV bytes) and one per
+worker (`vllm_worker.WorkerSide`: owns the TierCache and moves bytes). They meet through
+`TierCacheMetadata` each step and the failed-block set the workers report back.
+
+Correctness: a block the worker cannot serve is reported by `get_block_ids_with_load_errors`
+and recomputed, because this connector sets `kv_load_failure_policy="recompute"` itself; what
+vLLM receives is bit-identical to what was stored, or recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from .vllm_scheduler import SchedulerSide, TierCacheMetadata
+from .vllm_worker import WorkerSide
+
+__all__ = ["TierCacheConnector", "TierCacheMetadata"]
+
+log = logging.getLogger("tiercache.vllm")
+
+
+class TierCacheConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            # A block we fail to load must be recomputed, never fail the requests sharing it.
+            vllm_config.kv_transfer_config.kv_load_failure_policy = "recompute"
+            self._scheduler = SchedulerSide(vllm_config, kv_cache_config)
+        else:
+            self._worker = WorkerSide(vllm_config, kv_cache_config)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss
+
+    @property
+    def worker(self) -> WorkerSide:
+        if self._worker is None:
+            raise RuntimeError("TierCacheConnector: a worker-side call on the scheduler's instance")
+        return self._worker
+
+    @property
+    def scheduler(self) -> SchedulerSide:
+        if self._scheduler is None:
+            raise RuntimeError("TierCacheConnector: a scheduler-side call on a worker's instance")
+        return self._scheduler
+
+    # -- worker side -------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if isinstance(meta, TierCacheMetadata):
+            self.worker.start_load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are whole-prefix and finish in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # saves happen once per step, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if isinstance(meta, TierCacheMetadata):
+            self.worker.save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None  # saves copy their blocks at once; loads are synchronous
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.failed_blocks()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    # -- scheduler side ----------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return self.scheduler.build_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self.scheduler.request_finished(request)
+        return False, None
