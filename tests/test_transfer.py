@@ -1,0 +1,216 @@
+"""The transfer engine's contract on the thread path, the row helpers and the host buffers (no GPU needed).
+
+Jobs are held with threading.Event gates, never with sleeps: what a test asserts about "not yet"
+is decided by a gate the test itself still holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+from tiercache.pinned import HostBuffer, StagingPool
+from tiercache.transfer import TransferEngine, gather_rows, scatter_rows
+
+
+@pytest.fixture
+def engine():
+    e = TransferEngine(torch.device("cpu"), threads=2)
+    yield e
+    e.close()
+
+
+def gated(gate: threading.Event, log: list, name: str, started: threading.Event | None = None):
+    def fn():
+        if started is not None:
+            started.set()
+        assert gate.wait(timeout=30), "test gate never opened"
+        log.append(name)
+    return fn
+
+
+def test_ids_are_unique_and_poll_reports_each_finished_job_once(engine):
+    gate, log = threading.Event(), []
+    held = engine.submit(gated(gate, log, "held"), "h2h")
+    quick = engine.submit(lambda: log.append("quick"), "d2h")
+    quick.wait()
+    assert held.id != quick.id
+    assert engine.poll() == [quick.id]          # the held job is not finished
+    assert not held.done() and held.seconds is None
+    assert engine.poll() == []                  # reported once
+    gate.set()
+    held.wait()
+    assert engine.poll() == [held.id]
+    assert engine.job(held.id) is held and held.ok and held.seconds is not None and held.seconds >= 0
+    assert engine.poll() == [] and engine.job(held.id) is None
+
+
+def test_priority_jobs_run_before_queued_ones():
+    eng = TransferEngine(torch.device("cpu"), threads=1)
+    try:
+        gate, log, running = threading.Event(), [], threading.Event()
+        first = eng.submit(gated(gate, log, "blocker", running), "h2h")
+        assert running.wait(timeout=30)  # the only worker is busy: the rest queue up
+        a = eng.submit(lambda: log.append("a"), "h2d")
+        b = eng.submit(lambda: log.append("b"), "h2d")
+        p = eng.submit(lambda: log.append("priority"), "h2d", priority=True)
+        gate.set()
+        for j in (first, a, b, p):
+            j.wait()
+        assert log == ["blocker", "priority", "a", "b"]
+    finally:
+        eng.close()
+
+
+def test_a_job_after_another_waits_for_it_and_inherits_its_failure(engine):
+    gate, log = threading.Event(), []
+    first = engine.submit(gated(gate, log, "first"), "h2d")
+    second = engine.submit(lambda: log.append("second"), "h2d", after=first)
+    other = engine.submit(lambda: log.append("other"), "h2d")
+    other.wait()  # the second worker was free, yet `second` did not run
+    assert log == ["other"] and not second.done()
+    gate.set()
+    second.wait()
+    assert log == ["other", "first", "second"]
+
+    def boom():
+        raise OSError("disk gone")
+    bad = engine.submit(boom, "d2h")
+    follower = engine.submit(lambda: log.append("never"), "h2h", after=bad)
+    with pytest.raises(RuntimeError, match=f"job {bad.id}.*failed"):
+        follower.wait()
+    assert "never" not in log
+
+
+def test_errors_are_reported_through_the_job(engine):
+    def boom():
+        raise ValueError("bad bytes")
+    job = engine.submit(boom, "h2h")
+    with pytest.raises(ValueError, match="bad bytes"):
+        job.wait()
+    assert job.done() and not job.ok and isinstance(job.error, ValueError)
+    assert engine.poll() == [job.id]            # a failed job is still reported finished
+    inline = engine.submit(boom, "h2h", inline=True)
+    assert inline.done() and isinstance(inline.error, ValueError)
+
+
+def test_inline_runs_in_the_calling_thread_and_wait_stream_waits_on_the_host(engine):
+    where = []
+    job = engine.submit(lambda: where.append(threading.get_ident()), "h2h", inline=True)
+    assert where == [threading.get_ident()] and job.done()
+    gate, log = threading.Event(), []
+    held = engine.submit(gated(gate, log, "x"), "h2d")
+    threading.Timer(0, gate.set).start()
+    stall = held.wait_stream(measure=True)      # no device on this path: the host waits
+    assert log == ["x"] and stall.seconds is not None and stall.seconds >= 0
+
+
+def test_tensors_stay_alive_until_the_job_is_seen_done(engine):
+    gate, log = threading.Event(), []
+    t = torch.ones(4)
+    ref = weakref.ref(t)
+    job = engine.submit(gated(gate, log, "x"), "h2d", tensors=[t])
+    del t
+    gc.collect()
+    assert ref() is not None                    # the job holds it while it may still be read
+    gate.set()
+    job.wait()
+    gc.collect()
+    assert ref() is None
+
+
+def test_copy_keeps_its_original_behaviour(engine):
+    small = [(torch.empty(8), torch.arange(8.0))]
+    h = engine.copy(small)
+    assert h.done() and h._event is None
+    h.wait()
+    h.wait_stream()
+    assert torch.equal(small[0][0], small[0][1])
+    big_src = [torch.randn(64, 1024) for _ in range(8)]   # 2 MiB: split over the threads
+    big = [(torch.empty_like(s), s) for s in big_src]
+    h = engine.copy(big)
+    h.wait()
+    assert h.done() and all(torch.equal(d, s) for d, s in big)
+    assert engine.poll() == []                  # copy() jobs are not tracked
+    assert engine.copy([]).done()
+
+
+def test_bad_direction_and_closed_engine():
+    eng = TransferEngine(torch.device("cpu"), threads=2)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        eng.submit(lambda: None, "up")
+    gate, log = threading.Event(), []
+    queued = [eng.submit(lambda i=i: log.append(i), "h2h") for i in range(5)]
+    eng.close()                                  # finishes queued work
+    assert all(j.done() for j in queued) and sorted(log) == list(range(5))
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit(lambda: None, "h2h")
+    with pytest.raises(TypeError, match="after must be"):
+        TransferEngine(torch.device("cpu"))._events_to_wait(object())
+    del gate
+
+
+def test_gather_and_scatter_rows_match_a_loop():
+    slab = torch.randn(10, 3, 4).to(torch.bfloat16)
+    ids = torch.tensor([7, 2, 7, 0])
+    out = torch.empty(4, 3, 4, dtype=torch.bfloat16)
+    assert gather_rows(slab, ids, out) is out
+    assert torch.equal(out, torch.stack([slab[i] for i in ids.tolist()]))
+    strided = torch.empty(3, 4, 4, dtype=torch.bfloat16).transpose(0, 1)  # a non-contiguous destination
+    gather_rows(slab, ids, strided)
+    assert torch.equal(strided, out)
+    dst = torch.zeros(10, 3, 4, dtype=torch.bfloat16)
+    scatter_rows(out[:3], dst, torch.tensor([1, 5, 9]))
+    expect = torch.zeros_like(dst)
+    for row, i in zip(out[:3], (1, 5, 9)):
+        expect[i] = row
+    assert torch.equal(dst, expect)
+
+
+def test_host_buffer_without_cuda_is_plain_memory_and_closes_once():
+    with HostBuffer(1000, pin=True) as buf:
+        assert buf.tensor.shape == (1000,) and buf.tensor.dtype == torch.uint8 and buf.nbytes == 1000
+        assert buf.pinned == torch.cuda.is_available()
+    assert buf.tensor is None and not buf.pinned
+    buf.close()
+    typed = HostBuffer(((3, 5), torch.bfloat16), pin=False)
+    assert typed.tensor.shape == (3, 5) and typed.nbytes == 30 and not typed.pinned
+    typed.close()
+    with pytest.raises(ValueError, match="size"):
+        HostBuffer(-1)
+    with pytest.raises(TypeError, match="size"):
+        HostBuffer("1MiB")
+    with pytest.raises(TypeError, match="size"):
+        HostBuffer(((3,), "bf16"))
+
+
+def test_staging_pool_hands_a_buffer_back_only_after_its_job(engine):
+    pool = StagingPool(256, count=1, pin=False)
+    try:
+        buf = pool.acquire(100)
+        assert buf.numel() == 100
+        gate, log = threading.Event(), []
+        job = engine.submit(gated(gate, log, "copy"), "d2h")
+        pool.release(buf, job)
+        got = []
+        taker = threading.Thread(target=lambda: got.append(pool.acquire(256)))
+        taker.start()
+        taker.join(timeout=0.5)
+        assert not got                          # the only buffer is still in use by the copy
+        gate.set()
+        taker.join(timeout=30)
+        assert log == ["copy"] and got and got[0].data_ptr() == buf.data_ptr()
+        pool.release(got[0])
+        with pytest.raises(ValueError, match="nbytes"):
+            pool.acquire(257)
+        with pytest.raises(ValueError, match="buf is not a buffer of this pool"):
+            pool.release(torch.empty(4, dtype=torch.uint8))
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.acquire(1)
