@@ -182,3 +182,40 @@ def make_rag_workload(
                                    prefix_tokens=len(system_ids) + len(doc_ids[d])))
     return RagWorkload(seed=seed, system_prompt=system, documents=tuple(documents), questions=tuple(questions),
                        requests=tuple(requests))
+
+
+def write_jsonl(workload: RagWorkload, path: str) -> None:
+    """One request per line: {"request", "document", "question", "token_ids"} (a trace for `tiercache plan`)."""
+    import json
+
+    with open(path, "w") as f:
+        for r in workload.requests:
+            f.write(json.dumps({"request": r.index, "document": r.document, "question": r.question,
+                                "token_ids": list(r.token_ids)}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tiercache.workload --out trace.jsonl`: write the RAG workload as a request trace."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tiercache.workload",
+                                description="Write the seeded RAG workload (byte-tokenizer ids) as a JSONL trace.")
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--documents", type=int, default=6)
+    p.add_argument("--questions", type=int, default=5, help="questions per document")
+    p.add_argument("--doc-tokens", type=int, default=3000)
+    p.add_argument("--system-tokens", type=int, default=512)
+    a = p.parse_args(argv)
+    try:
+        w = make_rag_workload(seed=a.seed, num_documents=a.documents, questions_per_document=a.questions,
+                              document_tokens=a.doc_tokens, system_tokens=a.system_tokens)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    write_jsonl(w, a.out)
+    print(f"{len(w.requests)} requests, {w.total_prompt_tokens} tokens -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
