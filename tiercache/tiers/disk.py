@@ -29,6 +29,7 @@ Caller mistakes (another layout, an old store format) raise ValueError.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -86,12 +87,13 @@ class DiskTier:
         self._lock_file = _lock
         self._map_size = max(int(capacity_bytes), MIN_MAP)
         # charged bytes stay below the map: LMDB needs free pages for copy-on-write and old snapshots
-        self._budget = capacity_bytes if capacity_bytes < 4 * MIN_MAP else int(capacity_bytes * 0.85)
+        self._budget = min(capacity_bytes, int(self._map_size * 0.85))
         self._initial_budget = self._budget
         self._max_frame = layout.block_bytes * 2 + (64 << 10)
         self._touch_lock = threading.Lock()
         self._touched: dict[BlockKey, float] = {}
         self._shared: lmdb_env.SharedEnv | None = None
+        self._parked: lmdb_env.SharedEnv | None = None
         self._gen = lmdb_env.generation()
         self._batches = 0
         try:
@@ -168,10 +170,13 @@ class DiskTier:
         self.available = False
         if self._shared is not None:
             shared, self._shared = self._shared, None
-            try:
-                lmdb_env.release(shared)
-            except lmdb.Error:
-                pass
+            if shared.rw.depth():  # found inside a read of this thread: let go of it at close()
+                self._parked = shared
+            else:
+                try:
+                    lmdb_env.release(shared)
+                except lmdb.Error:
+                    pass
         if self._strict:
             raise ValueError(f"disk_path: {self.path}: {why}")
         self._count(op)
@@ -437,7 +442,10 @@ class DiskTier:
                     return None
                 continue
             except (lmdb.Error, OSError) as e:
-                kind, _ = describe_error(e)
+                kind, text = describe_error(e)
+                if kind == "io" and lmdb_env.fs_free(self.path) < 2 * sum(len(f) for _, f, *_ in items) + (1 << 20):
+                    # LMDB reports a write cut short by a full filesystem as EIO: name the real cause
+                    kind, e = "full", OSError(errno.ENOSPC, f"no space left on device ({text})")
                 if kind != "full":
                     self._fault("store", e)
                     self._reader_check(shared)
@@ -638,6 +646,9 @@ class DiskTier:
         self.available = False
         if shared is not None:
             lmdb_env.release(shared)
+        parked, self._parked = self._parked, None
+        if parked is not None and self._gen == lmdb_env.generation():
+            lmdb_env.release(parked)
 
 
 def open_existing(path: str, readonly: bool = True) -> DiskTier:

@@ -11,9 +11,10 @@ LMDB's rules, and how they are kept here:
 - Another process may grow the file past this process's map: LMDB then
   refuses every transaction with MapResizedError until the map is adopted
   with `set_mapsize(0)`, done here under the same exclusive lock.
-- An environment must not be used across fork(): the child abandons every
-  inherited environment (never closing it: that would touch the parent's
-  reader slots) and reopens on first use (`generation()` changes).
+- An environment must not be used across fork(): a fork waits (up to 5 s)
+  until no transaction of this process is open, the child closes what it
+  inherited (it holds no reader slot then) or, if a transaction was open,
+  abandons it unclosed; it reopens on first use (`generation()` changes).
 - A full filesystem must be an error, not SIGBUS: the lock file (which LMDB
   maps and writes through memory) is allocated up front, and under writemap
   so is the data file.
@@ -69,24 +70,33 @@ class RWLock:
             if not self._readers:
                 self._cond.notify_all()
 
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def acquire_exclusive(self, timeout: float | None = None) -> bool:
         if self.depth():
             raise RuntimeError("a reader of this thread cannot take the exclusive lock")
         with self._cond:
             self._waiting += 1
             try:
-                while self._exclusive or self._readers:
-                    self._cond.wait()
+                if not self._cond.wait_for(lambda: not (self._exclusive or self._readers), timeout):
+                    return False
             finally:
                 self._waiting -= 1
+                if not self._waiting:
+                    self._cond.notify_all()  # readers held back by this waiter may go
             self._exclusive = True
+        return True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
         try:
             yield
         finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+            self.release_exclusive()
 
 
 class SharedEnv:
@@ -100,6 +110,7 @@ class SharedEnv:
         self.refs = 1
         self.rw = RWLock()
         self.wlock = threading.Lock()  # one write transaction (or resize) at a time in this process
+        self.quiet = False  # held still for a fork() in progress
 
     def map_size(self) -> int:
         return self.env.info()["map_size"]
@@ -125,19 +136,58 @@ class SharedEnv:
 _ENVS: dict[str, SharedEnv] = {}
 _LOCK = threading.Lock()
 _GENERATION = 0
-_ABANDONED: list[lmdb.Environment] = []  # inherited across fork: never used, never closed
+_ABANDONED: list[lmdb.Environment] = []  # inherited across fork while busy: never used, never closed
+_LOCK_HELD = False
+
+
+def _quiesce(shared: SharedEnv) -> bool:
+    """Before fork(): wait (briefly) until no transaction of this process is open in `shared`."""
+    if shared.rw.depth() or not shared.wlock.acquire(timeout=5):
+        return False
+    if not shared.rw.acquire_exclusive(timeout=5):
+        shared.wlock.release()
+        return False
+    return True
+
+
+def _before_fork() -> None:
+    global _LOCK_HELD
+    _LOCK_HELD = _LOCK.acquire(timeout=5)
+    for s in list(_ENVS.values()):
+        s.quiet = _quiesce(s)
+
+
+def _after_fork_in_parent() -> None:
+    for s in list(_ENVS.values()):
+        if s.quiet:
+            s.rw.release_exclusive()
+            s.wlock.release()
+            s.quiet = False
+    if _LOCK_HELD:
+        _LOCK.release()
 
 
 def _after_fork_in_child() -> None:
+    """The child never uses what it inherited. An environment with no transaction open at fork time is
+    closed (that frees it to be reopened here); one that was busy is abandoned (never closed: that
+    would free reader slots that belong to the parent)."""
     global _GENERATION, _LOCK
     _GENERATION += 1
-    _LOCK = threading.Lock()  # another thread may have held it at fork time
-    _ABANDONED.extend(s.env for s in _ENVS.values())
+    _LOCK = threading.Lock()
+    for s in list(_ENVS.values()):
+        if s.quiet:
+            try:
+                s.env.close()
+            except lmdb.Error:
+                _ABANDONED.append(s.env)
+        else:
+            _ABANDONED.append(s.env)
     _ENVS.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def generation() -> int:
@@ -207,6 +257,15 @@ def release(shared: SharedEnv) -> None:
         except lmdb.Error:
             pass  # read-only environments cannot sync
         shared.env.close()
+
+
+def fs_free(path: str) -> int:
+    """Bytes free for us on the filesystem holding `path` (a large number if it cannot be told)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
 
 def describe_error(e: BaseException) -> tuple[str, str]:

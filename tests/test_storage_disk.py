@@ -1,0 +1,431 @@
+"""Issue 11: the disk tier against damaged, full, read-only and shared files (real LMDB, real filesystems).
+
+Whatever happens to the files, a read is a miss or exact bytes, a write is done or dropped and counted,
+nothing raises to the caller and nothing kills the process. Cases that could kill the process (SIGBUS,
+SIGSEGV) run in a child process, and the test asserts the child exited normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+from tiercache import KVLayout
+from tiercache.codec import BlockCodec
+from tiercache.errors import OnceLogger
+from tiercache.keys import BlockKey
+from tiercache.stats import Recorder
+from tiercache.tiers.disk import DiskTier
+
+LAY = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)  # 16 KiB blocks
+CODEC = BlockCodec(LAY.fingerprint(), 2, 2, "none")
+NS = b"ns-0001!"
+
+
+def key(i: int) -> BlockKey:
+    return BlockKey(i.to_bytes(8, "little") * 2)
+
+
+def raw(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, LAY.block_bytes, dtype=np.uint8)
+
+
+def rows(ids, ns=NS):
+    return [(key(i), CODEC.encode(raw(i), key(i)), ns, {"model_id": "m"}) for i in ids]
+
+
+def read_ok(disk: DiskTier, i: int) -> bool | None:
+    """True: exact bytes; None: a miss; raises if wrong bytes were served."""
+    with disk.reader() as get:
+        f = get(key(i))
+        if f is None:
+            return None
+        assert np.array_equal(CODEC.decode(f, LAY.block_bytes, key=key(i)), raw(i)), "wrong bytes served"
+        return True
+
+
+def open_disk(path, cap=8 << 20, **kw):
+    rec = Recorder(("disk",))
+    return DiskTier(str(path), LAY, cap, log=OnceLogger(), recorder=rec, **kw), rec
+
+
+def run_child(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run code in a child python; the caller asserts on returncode (negative: killed by a signal)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+CHILD_PRELUDE = """
+    import os, sys, numpy as np
+    sys.path.insert(0, os.getcwd())
+    from tests.test_storage_disk import *
+"""
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small real tmpfs mount, or skip where mounting is not permitted."""
+    made = []
+
+    def mount(size: str):
+        d = tmp_path / f"mnt-{len(made)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        made.append(d)
+        return d
+    yield mount
+    for d in reversed(made):
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _log_lines(caplog, needle: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
+
+
+# -- item 10: permissions ------------------------------------------------------------------------
+
+def test_store_is_private(tmp_path):
+    disk, _ = open_disk(tmp_path / "a" / "store")
+    disk.write_batch(rows([1]))
+    disk.close()
+    st = os.stat(tmp_path / "a" / "store")
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    for f in ("data.mdb", "lock.mdb"):
+        assert stat.S_IMODE(os.stat(tmp_path / "a" / "store" / f).st_mode) == 0o600, f
+
+
+# -- items 5, 12: unreadable stores turn the tier off (one log line), caller mistakes raise -----------
+
+def _make_store(path, n=40):
+    disk, _ = open_disk(path)
+    assert disk.write_batch(rows(range(n)))[0]
+    disk.close()
+    return os.path.getsize(os.path.join(path, "data.mdb"))
+
+
+DAMAGE = ["2 pages", "half", "90%", "garbage"]
+
+
+def test_damaged_data_file_turns_the_tier_off(tmp_path):
+    """Truncated (2 pages, half, 90%) or garbage data.mdb: SIGBUS / InvalidError before; now the tier is off."""
+    paths = [tmp_path / f"store-{i}" for i in range(len(DAMAGE))]
+    size = _make_store(paths[0])
+    for p in paths[1:]:
+        shutil.copytree(paths[0], p)
+    r = run_child(CHILD_PRELUDE + f"""
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    size = {size}
+    for how, path in zip(DAMAGE, {[str(p) for p in paths]!r}):
+        with open(os.path.join(path, "data.mdb"), "r+b") as f:
+            if how == "garbage":
+                f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+            else:
+                f.truncate({{"2 pages": 8192, "half": size // 2, "90%": size * 9 // 10}}[how])
+        disk, rec = open_disk(path)
+        assert not disk.available, how
+        assert [read_ok(disk, i) for i in range(40)] == [None] * 40
+        assert disk.count_each([key(1)]) == [False] and disk.count_prefix([key(1)]) == 0
+        assert list(disk.keys()) == [] and disk.used() == (0, 0)
+        assert disk.write_batch(rows([99]))[2] == [key(99)]
+        assert rec.snapshot()["errors"]["disk"]["open"] == 1
+        print("survived", how)
+    """)
+    assert r.returncode == 0, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert r.stdout.count("survived") == len(DAMAGE)
+    off = [ln for ln in r.stderr.splitlines() if "disk tier off" in ln]
+    assert len(off) == len(DAMAGE), r.stderr                # one line per store, each naming its path
+    for p, ln in zip(paths, off):
+        assert f"disk_path={p}:" in ln
+    assert "truncated" in off[0] and "not a readable LMDB store" in off[-1]
+
+
+def test_garbage_interior_pages_are_misses_not_exceptions(tmp_path):
+    path = tmp_path / "store"
+    size = _make_store(path, n=120)
+    r = run_child(CHILD_PRELUDE + f"""
+    data = {str(path / "data.mdb")!r}
+    rng = np.random.default_rng(1)
+    with open(data, "r+b") as f:
+        for page in range(3, {size} // 4096, 7):           # every 7th page after the meta pages
+            f.seek(page * 4096)
+            f.write(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    disk, rec = open_disk({str(path)!r})
+    served = [read_ok(disk, i) for i in range(120)]         # raises if a wrong byte is served
+    disk.count_each([key(i) for i in range(120)])
+    disk.count_prefix([key(i) for i in range(120)])
+    list(disk.keys())
+    disk.write_batch(rows([500, 501]))
+    print("served", sum(s is True for s in served), "errors", sum(rec.snapshot()["errors"]["disk"].values()))
+    """)
+    assert r.returncode == 0, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert "served" in r.stdout
+
+
+def test_disk_path_that_is_a_file_or_unusable(tmp_path, caplog):
+    f = tmp_path / "a-file"
+    f.write_bytes(b"not a directory")
+    with caplog.at_level(logging.WARNING, logger="tiercache"):
+        disk, rec = open_disk(f)
+    assert not disk.available and disk.write_batch(rows([1]))[2] == [key(1)]
+    assert read_ok(disk, 1) is None
+    (line,) = _log_lines(caplog, "disk tier off")
+    assert f"disk_path={f}" in line and "not a directory" in line
+    assert rec.snapshot()["dropped_writes"]["disk"] == 1
+    below = tmp_path / "a-file" / "store"                   # a path below a file cannot be created
+    disk, _ = open_disk(below)
+    assert not disk.available
+
+
+def test_an_old_store_format_or_another_layout_is_a_clear_error(tmp_path):
+    path = tmp_path / "store"
+    _make_store(path, n=2)
+    other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float16, block_size=16)
+    with pytest.raises(ValueError, match="layout.*disk_path"):
+        DiskTier(str(path), other, 8 << 20)
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True, db=env.open_db(b"info")) as txn:
+        txn.put(b"format", b"tiercache-disk-1")
+    env.close()
+    with pytest.raises(ValueError, match=f"disk_path: {path} .*tiercache-disk-1"):
+        DiskTier(str(path), LAY, 8 << 20)
+
+
+# -- items 5, 11: full filesystems -----------------------------------------------------------------
+
+def test_new_store_on_a_full_filesystem(tmpfs):
+    mnt = tmpfs("1m")
+    with open(mnt / "filler", "wb") as f:                   # fill it
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    r = run_child(CHILD_PRELUDE + f"""
+    disk, rec = open_disk({str(mnt / "store")!r})
+    assert not disk.available
+    assert disk.write_batch(rows([1]))[2] == [key(1)]
+    print("survived")
+    """)
+    assert r.returncode == 0, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert "full" in r.stderr and f"disk_path={mnt / 'store'}" in r.stderr
+
+
+def test_filesystem_fills_up_while_writing(tmpfs, caplog):
+    mnt = tmpfs("3m")
+    path = mnt / "store"
+    with caplog.at_level(logging.WARNING, logger="tiercache"):
+        disk, rec = open_disk(path, cap=64 << 20)           # disk_bytes far above what the filesystem holds
+        written = dropped = 0
+        for b in range(40):                                 # 40 x 8 blocks of 16 KiB = 5 MiB into 3 MiB
+            w, _, d = disk.write_batch(rows(range(b * 8, b * 8 + 8)))
+            written += len(w)
+            dropped += len(d)
+    s = rec.snapshot()
+    full = _log_lines(caplog, "is full")
+    assert len(full) == 1 and f"disk_path={path}" in full[0] and "disk_bytes" in full[0]
+    assert s["errors"]["disk"]["store"] >= 1
+    assert s["dropped_writes"]["disk"] == dropped
+    assert disk.available and not disk.readonly
+    assert written > 200 and len(disk.write_batch(rows([10_000]))[0]) == 1   # it keeps writing (evicting)
+    assert read_ok(disk, 10_000) is True
+    served = [read_ok(disk, i) for i in range(320)]
+    assert served[-1] is True and served[0] is None         # the newest kept, the oldest evicted
+    disk.close()
+
+
+# -- item 6: read-only filesystems ------------------------------------------------------------------
+
+@pytest.mark.parametrize("lock_file", [True, False], ids=["with-lock.mdb", "without-lock.mdb"])
+def test_store_on_a_read_only_filesystem_is_served_read_only(tmpfs, caplog, lock_file):
+    mnt = tmpfs("8m")
+    path = mnt / "store"
+    _make_store(path, n=10)
+    if not lock_file:
+        os.unlink(path / "lock.mdb")
+    r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot remount read-only: {r.stderr.decode().strip()}")
+    with caplog.at_level(logging.WARNING, logger="tiercache"):
+        disk, rec = open_disk(path)
+    assert disk.available and disk.readonly
+    assert all(read_ok(disk, i) for i in range(10))
+    assert disk.count_prefix([key(i) for i in range(12)]) == 10
+    assert sorted(disk.keys()) == sorted(key(i) for i in range(10))
+    assert disk.write_batch(rows([50]))[2] == [key(50)]
+    (line,) = _log_lines(caplog, "read-only")
+    assert f"disk_path={path}" in line
+    assert rec.snapshot()["dropped_writes"]["disk"] == 1
+    disk.close()
+    assert os.path.exists(path / "lock.mdb") == lock_file
+
+
+# -- item 9: disk_bytes bounds the file, namespaces are charged and go with their blocks ----------------
+
+def test_disk_bytes_bounds_the_data_file(tmp_path):
+    for cap in (2 << 20, 4 << 20):
+        path = tmp_path / f"s{cap}"
+        disk, rec = open_disk(path, cap=cap)
+        evicted = 0
+        for b in range(60):                                 # 60 x 8 x 16 KiB = 7.5 MiB written
+            evicted += len(disk.write_batch(rows(range(b * 8, b * 8 + 8)))[1])
+            with disk.reader() as get:                      # a reader between batches pins a snapshot
+                get(key(b * 8))
+        assert os.path.getsize(path / "data.mdb") <= cap
+        used, blocks = disk.used()
+        assert used <= cap and blocks > 0
+        assert evicted > 0 and rec.snapshot()["dropped_writes"]["disk"] == 0
+        assert read_ok(disk, 60 * 8 - 1) is True
+        disk.close()
+
+
+def test_namespace_rows_are_charged_and_deleted_with_their_blocks(tmp_path):
+    disk, _ = open_disk(tmp_path / "s", cap=2 << 20)
+    for i in range(600):                                    # 600 tenants, one block each, ~110 fit
+        disk.write_batch(rows([i], ns=i.to_bytes(8, "little")))
+    used, blocks = disk.used()
+    with disk.env.begin() as txn:
+        ns_rows = txn.stat(disk.env.open_db(b"ns"))["entries"]
+    assert ns_rows == blocks < 600                          # a row per tenant that still has a block
+    assert used >= blocks * (LAY.block_bytes + 512)         # rows are charged
+    assert len(disk.namespaces()) == blocks
+    disk.close()
+
+
+# -- items 1-4: map growth under readers, other processes, stale readers, fork -------------------------
+
+def test_map_growth_never_overlaps_a_reader(tmp_path):
+    """Readers in threads while the map grows (a second cache on the path with a larger disk_bytes)."""
+    path = tmp_path / "store"
+    _make_store(path, n=30)
+    r = run_child(CHILD_PRELUDE + f"""
+    import threading
+    path = {str(path)!r}
+    first, _ = open_disk(path, cap=1 << 20)
+    stop = threading.Event()
+    reads = [0]
+    def reader():
+        while not stop.is_set():
+            with first.reader() as get:
+                for i in range(30):
+                    f = get(key(i))
+                    if f is not None:                       # touch every byte of the mapped frame
+                        assert np.array_equal(CODEC.decode(f, LAY.block_bytes, key=key(i)), raw(i))
+                        reads[0] += 1
+    ts = [threading.Thread(target=reader) for _ in range(3)]
+    for t in ts: t.start()
+    others = []
+    for step in range(40):                                  # 40 map growths under the readers
+        d, _ = open_disk(path, cap=(2 + step) << 20)
+        others.append(d)
+        d.write_batch(rows([1000 + step]))
+    stop.set()
+    for t in ts: t.join()
+    assert first.env.info()["map_size"] >= 41 << 20
+    print("reads", reads[0])
+    """)
+    assert r.returncode == 0, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert "reads" in r.stdout
+
+
+def test_another_process_grows_the_map(tmp_path):
+    path = tmp_path / "store"
+    disk, rec = open_disk(path, cap=1 << 20)                # this process maps 1 MiB
+    disk.write_batch(rows([1]))
+    r = run_child(CHILD_PRELUDE + f"""
+    d, _ = open_disk({str(path)!r}, cap=64 << 20)
+    for b in range(10):                                     # 10 x 8 x 16 KiB: the file outgrows 1 MiB
+        assert len(d.write_batch(rows(range(100 + b * 8, 108 + b * 8)))[0]) == 8
+    d.close()
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_ok(disk, 179) is True                       # adopted the larger map, no MapResizedError
+    assert disk.count_each([key(100), key(179)]) == [True, True]
+    assert disk.write_batch(rows([5000]))[0] == [key(5000)]
+    assert disk.count_prefix([key(5000)]) == 1
+    assert sum(rec.snapshot()["errors"]["disk"].values()) == 0
+    disk.close()
+
+
+def test_stale_reader_of_a_killed_process_is_cleared(tmp_path):
+    path = tmp_path / "store"
+    disk, rec = open_disk(path, cap=1 << 20)
+    disk.write_batch(rows(range(20)))
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD_PRELUDE + f"""
+    import time
+    d, _ = open_disk({str(path)!r}, cap=1 << 20)
+    with d.reader() as get:
+        get(key(1))
+        print("reading", flush=True)
+        time.sleep(600)                                     # killed here, inside a read transaction
+    """)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert child.stdout.readline().strip() == "reading"
+    child.kill()
+    child.wait()
+    assert str(child.pid) in disk.env.readers()             # its slot pins an old snapshot
+    dropped = 0
+    for b in range(40):                                     # churn 10x the map through the store
+        dropped += len(disk.write_batch(rows(range(100 + b * 8, 108 + b * 8)))[2])
+    assert str(child.pid) not in disk.env.readers()
+    assert dropped == 0 and read_ok(disk, 100 + 39 * 8 + 7) is True
+    disk.close()
+
+
+def test_fork_child_reopens_and_writes(tmp_path):
+    path = tmp_path / "store"
+    r = run_child(CHILD_PRELUDE + f"""
+    disk, _ = open_disk({str(path)!r})
+    disk.write_batch(rows([1]))
+    assert read_ok(disk, 1)
+    pid = os.fork()
+    if pid == 0:                                            # the child uses the object it inherited
+        try:
+            ok = read_ok(disk, 1) and disk.write_batch(rows([2]))[0] == [key(2)] and read_ok(disk, 2)
+            disk.close()
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    assert read_ok(disk, 2) is True                         # the parent sees the child's write
+    assert disk.write_batch(rows([3]))[0] == [key(3)]
+    print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_keys_and_change_counter(tmp_path):
+    disk, _ = open_disk(tmp_path / "s", cap=256 << 20)
+    c0 = disk.change_counter()
+    for b in range(3):
+        disk.write_batch(rows(range(b * 3, b * 3 + 3)))
+    assert disk.change_counter() > c0
+    assert sorted(disk.keys()) == sorted(key(i) for i in range(9))
+    # keys() is read in chunks: more than one chunk
+    many = [(BlockKey(uuid.uuid4().bytes), b"x" * 64, NS, {}) for _ in range(9000)]
+    disk.write_batch(many)
+    assert len(set(disk.keys())) == 9009
+    disk.close()
+
+
+def test_copy_of_a_store_keeps_working(tmp_path):
+    """A store copied elsewhere (files only) opens and serves the same bytes."""
+    _make_store(tmp_path / "a", n=5)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    disk, _ = open_disk(tmp_path / "b")
+    assert all(read_ok(disk, i) for i in range(5))
+    disk.close()
