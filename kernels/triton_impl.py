@@ -8,6 +8,8 @@ every float format, NaN payloads included. Imported only when the Triton path is
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -59,15 +61,17 @@ class _PointerTables:
     def __init__(self, capacity: int = 8) -> None:
         self._tables: dict[tuple, torch.Tensor] = {}
         self._capacity = capacity
+        self._lock = threading.Lock()
 
     def get(self, layers: list[torch.Tensor]) -> torch.Tensor:
         key = (layers[0].device, *(t.data_ptr() for t in layers))
-        table = self._tables.get(key)
-        if table is None:
-            if len(self._tables) >= self._capacity:
-                self._tables.pop(next(iter(self._tables)))
-            table = torch.tensor(key[1:], dtype=torch.int64).to(layers[0].device)
-            self._tables[key] = table
+        with self._lock:
+            table = self._tables.get(key)
+            if table is None:
+                if len(self._tables) >= self._capacity:
+                    self._tables.pop(next(iter(self._tables)))
+                table = torch.tensor(key[1:], dtype=torch.int64).to(layers[0].device)
+                self._tables[key] = table
         return table
 
 

@@ -241,14 +241,15 @@ class TransferEngine:
     def submit(self, fn: Callable[[], object], direction: str, priority: bool = False, *, nbytes: int = 0,
                tensors: Iterable[torch.Tensor] = (), after=None, inline: bool = False, track: bool = True) -> Job:
         """Run `fn` as one job. On CUDA fn only enqueues work (it runs under the job's stream); on the
-        CPU path it does the work, on a worker thread or inline. `track=False` keeps the job out of poll()."""
+        CPU path (and for "h2h") it does the work, on a worker thread or inline. `track=False` keeps the
+        job out of poll()."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {list(DIRECTIONS)}, got {direction!r}")
         if self._closed:
             raise RuntimeError("the transfer engine is closed")
         tensors = list(tensors)
         job_id = next(self._ids)
-        if self.cuda:
+        if self.cuda and direction != "h2h":  # host-to-host work is CPU work: threads, even beside a GPU
             job = self._submit_cuda(job_id, fn, direction, priority, nbytes, tensors, after)
         else:
             job = self._submit_threads(job_id, fn, direction, priority, nbytes, tensors, after, inline)
