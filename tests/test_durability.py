@@ -1,6 +1,7 @@
 """Restarts, other processes, corrupt frames, a full map: nothing lost, nothing wrong, nothing crashes."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from tiercache import CacheConfig, KVLayout, TierCache
+from tiercache.inspect_store import main as inspect_main
 from tiercache.tiers.disk import DiskTier
 
 from .conftest import make_kv, same_bytes
@@ -181,3 +183,94 @@ def test_disk_tier_direct_layout_guard(tmp_path, layout):
     other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16, block_size=4)
     with pytest.raises(ValueError, match="layout"):
         DiskTier(str(tmp_path / "d"), other, 1 << 20)
+
+
+# -- issue 11 item 12: `tiercache inspect` reads without writing, fails in one line ---------------------
+
+def _inspect(path, *extra, shell_tail=""):
+    cmd = [sys.executable, "-m", "tiercache.cli", "inspect", str(path), *extra]
+    if shell_tail:
+        import shlex
+        return subprocess.run(" ".join(map(shlex.quote, cmd)) + shell_tail, shell=True, capture_output=True,
+                              text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _small_store(path, layout):
+    with TierCache(CacheConfig(layout=layout, model_id="model-a", host_bytes=0, disk_path=path)) as c:
+        c.store(list(range(64)), make_kv(layout, 64))
+        c.flush()
+
+
+def test_inspect_writes_nothing_into_the_store(tmp_path, layout, capsys):
+    path = tmp_path / "store"
+    _small_store(path, layout)
+    os.unlink(path / "lock.mdb")
+    before = sorted(os.listdir(path))
+    assert inspect_main([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["blocks"] == 16
+    assert sorted(os.listdir(path)) == before               # no lock.mdb created
+    # and on a read-only mount of it
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(path), str(ro)], capture_output=True).returncode:
+        pytest.skip("bind mounts are not permitted here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode:
+            pytest.skip("read-only remounts are not permitted here")
+        assert inspect_main([str(ro), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["blocks"] == 16
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "interior", "not-lmdb-dir"])
+def test_inspect_a_broken_store_is_one_line(tmp_path, layout, damage, capsys):
+    path = tmp_path / "store"
+    _small_store(path, layout)
+    data = path / "data.mdb"
+    size = os.path.getsize(data)
+    with open(data, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(size // 2)
+        elif damage == "garbage":
+            f.write(os.urandom(size))
+        elif damage == "interior":
+            for page in range(2, size // 4096):
+                f.seek(page * 4096)
+                f.write(b"\xa5" * 4096)
+    if damage == "not-lmdb-dir":
+        data.unlink()
+        data.mkdir()
+    assert inspect_main([str(path)]) == 2                   # in this process: an exception would fail the test
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tiercache inspect: ") and str(path) in lines[0], err
+
+
+def test_inspect_into_a_closed_pipe(tmp_path, layout):
+    path = tmp_path / "store"
+    _small_store(path, layout)
+    r = _inspect(path, shell_tail=" | true")                # the reader is gone before inspect prints
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+# -- issue 11 item 7: a frame is served only under the key it was written for ----------------------
+
+def test_frame_of_another_block_under_a_key_is_a_miss(tmp_path, layout):
+    path = tmp_path / "store"
+    kv = make_kv(layout, 16)
+    cfg = CacheConfig(layout=layout, model_id="m", host_bytes=0, disk_path=path)
+    with TierCache(cfg) as c:
+        c.store(list(range(16)), kv)
+        c.flush()
+        keys = c.keys(list(range(16)))
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True, db=db) as txn:               # block 0's valid frame stored as block 2
+        txn.put(keys[2], bytes(txn.get(keys[0])))
+    env.close()
+    with TierCache(cfg) as c:
+        out = c.load(list(range(16)))
+        assert out.shape[2] == 8 and same_bytes(out, kv[:, :, :8])
+        assert c.stats()["corrupt_blocks"]["disk"] == 1

@@ -1,11 +1,19 @@
-"""`tiercache inspect PATH`: what a disk store holds, without changing it."""
+"""`tiercache inspect PATH`: what a disk store holds, without changing it.
+
+The store is opened read-only and without LMDB's lock file (nothing is written
+into its directory, so a store on read-only media can be inspected); a store
+that cannot be read is one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+import lmdb
 
 from .tiers.disk import open_existing
 
@@ -99,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         s = summarize(args.path)
-    except ValueError as e:
-        print(f"tiercache inspect: {e}", file=sys.stderr)
+    except (ValueError, OSError, lmdb.Error) as e:  # one line, never a traceback
+        print(f"tiercache inspect: {e}".replace("\n", " "), file=sys.stderr)
         return 2
-    print(json.dumps(s, indent=None if args.json else 2) if args.json else render(s))
+    try:
+        print(json.dumps(s) if args.json else render(s))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `tiercache inspect PATH | head`: the reader left; nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 0
     return 0
