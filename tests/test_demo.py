@@ -19,12 +19,12 @@ def common_blocks(a, b, block: int) -> int:
     return n // block * block
 
 
-def test_quick_json_run(capsys, tmp_path):
-    assert demo.main(["--quick", "--json", "--no-progress", "--disk-path", str(tmp_path / "lmdb")]) == 0
+def test_default_json_run(capsys, tmp_path):
+    assert demo.main(["--json", "--no-progress", "--disk-path", str(tmp_path / "lmdb")]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out)  # stdout is exactly one JSON object
 
-    preset = demo.PRESETS["quick"]
+    preset = demo.PRESETS[demo.DEFAULT_PRESET]
     workload = make_rag_workload(seed=0, num_documents=preset.documents, questions_per_document=preset.questions,
                                  document_tokens=preset.document_tokens, system_tokens=preset.system_tokens)
     rows = summary["requests"]
@@ -57,6 +57,9 @@ def test_quick_json_run(capsys, tmp_path):
     assert summary["warm_ttft_s"] == pytest.approx(sum(r["warm_ttft_s"] for r in rows))
     # the speedup is reported, never asserted: timings belong to benchmarks, not tests
     assert summary["speedup"] == pytest.approx(summary["cold_ttft_s"] / summary["warm_ttft_s"])
+    assert summary["lookup_tokens"] == summary["prompt_tokens"]  # hit rate's denominator: every prompt token
+    assert 0 <= summary["kv_wait_s"] <= summary["kv_time_s"] <= summary["warm_ttft_s"]
+    assert "cores" in summary["machine"]
 
 
 def test_table_output_and_progress(capsys, tmp_path):
@@ -64,7 +67,8 @@ def test_table_output_and_progress(capsys, tmp_path):
             "--layers", "2", "--hidden", "128", "--host-bytes", "64KiB", "--disk-path", str(tmp_path)]
     assert demo.main(argv) == 0
     captured = capsys.readouterr()
-    for word in ("cold TTFT", "warm TTFT", "speedup", "host", "disk", "disk compression", "hit rate"):
+    for word in ("cold TTFT", "warm TTFT", "speedup", "host", "disk", "disk compression", "hit rate", "KV time",
+                 "cores"):
         assert word in captured.out
     assert "4/4" in captured.err  # the progress bar reached the end on stderr
 
@@ -109,3 +113,21 @@ def test_local_checkpoint_with_its_own_tokenizer(capsys, tmp_path):
 def test_missing_checkpoint_is_an_error(capsys, tmp_path):
     assert demo.main(["--model", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_full_is_the_larger_workload():
+    args = demo.build_parser().parse_args(["--full"])
+    assert args.full
+    quick, full = demo.PRESETS[demo.DEFAULT_PRESET], demo.PRESETS["full"]
+    assert full.documents * full.questions * (full.document_tokens + full.system_tokens) > \
+        4 * quick.documents * quick.questions * (quick.document_tokens + quick.system_tokens)
+
+
+def test_cuda_device_without_cuda_is_a_one_line_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert demo.main(["--device", "cuda", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "CUDA is not available" in err[0]
