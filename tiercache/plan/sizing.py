@@ -2,12 +2,12 @@
 
 Memory tiers (GPU KV, host) hold raw blocks: blocks = budget // block bytes.
 The disk tier holds codec frames: a block costs its compressed size plus the frame
-header, rounded up to LMDB's 4 KiB overflow pages, plus ~256 bytes of index entries;
-`disk_bytes` is the bound on that total, so blocks = disk_bytes // that cost. The
-LMDB file grows as blocks arrive (its map is sparse, 1.25 x disk_bytes + 64 MiB of
-address space); it never holds more than disk_bytes of blocks, but the filesystem
-must have that much free, or writes fail (counted, served as misses) before the
-bound is reached.
+header, rounded up to LMDB's 4 KiB overflow pages, plus ~256 bytes of index entries
+(`tiers.disk.charged_bytes`). `disk_bytes` bounds the LMDB file (data.mdb never grows
+past it); blocks are charged against 85% of it (the rest is room for LMDB's
+copy-on-write pages), so blocks = 0.85 x disk_bytes // that cost. If the filesystem
+has less free space than that, it fills first: the tier then evicts down and
+retries, so it holds fewer blocks than planned.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 from .model import ModelShape
 
-PAGE = 4096
-INDEX_BYTES = 256
-INLINE_MAX = 2000
+DISK_BUDGET_FRACTION = 0.85  # tiers/disk.py: charged bytes stay below 85% of the map (disk_bytes, >= 1 MiB)
+MIN_MAP = 1 << 20
 
 
 def frame_header_bytes(shape: ModelShape) -> int:
@@ -33,10 +32,14 @@ def disk_block_cost(shape: ModelShape, block_size: int, ratio: float) -> int:
     """Estimated bytes one block costs against disk_bytes at compression `ratio` (raw / stored)."""
     if not ratio > 0:
         raise ValueError(f"disk ratio: expected a positive compression ratio (raw / stored), got {ratio!r}")
-    frame = math.ceil(shape.block_bytes(block_size) / ratio) + frame_header_bytes(shape)
-    if frame <= INLINE_MAX:
-        return frame + INDEX_BYTES
-    return math.ceil(frame / PAGE) * PAGE + INDEX_BYTES
+    from ..tiers.disk import charged_bytes
+
+    return charged_bytes(math.ceil(shape.block_bytes(block_size) / ratio) + frame_header_bytes(shape))
+
+
+def disk_budget(disk_bytes: int) -> int:
+    """The bytes of blocks a disk tier of `disk_bytes` holds at most."""
+    return min(disk_bytes, int(max(disk_bytes, MIN_MAP) * DISK_BUDGET_FRACTION))
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,12 @@ def size_tiers(shape: ModelShape, block_size: int, budgets: dict[str, int], disk
         budget = budgets.get(tier, 0)
         if not budget:
             continue
-        per_block = disk_block_cost(shape, block_size, disk_ratio) if tier == "disk" else raw_block
-        out.append(TierSize(tier, budget, per_block / block_size, per_block, budget // per_block, block_size, seq))
+        if tier == "disk":
+            per_block = disk_block_cost(shape, block_size, disk_ratio)
+            blocks = disk_budget(budget) // per_block
+        else:
+            per_block, blocks = raw_block, budget // raw_block
+        out.append(TierSize(tier, budget, per_block / block_size, per_block, blocks, block_size, seq))
     return out
 
 
