@@ -229,3 +229,160 @@ def test_gpu_bench_runs_in_its_cpu_smoke_mode(tmp_path):
     assert bench.main(["--cpu", "--out", str(out)]) == 0  # 0: every transfer came back bit-exact
     text = out.read_text()
     assert "not GPU figures" in text and "layer-wise load overlapped with compute" in text
+
+
+# -- the CUDA protocol, on fake streams and events (what the GPU path enqueues, checked without a GPU) ------
+class FakeCuda:
+    """Records what the engine asks of CUDA: event records, stream waits, the stream a job's fn runs on."""
+
+    def __init__(self):
+        self.log = []
+        self.local = threading.local()
+        fake = self
+
+        class Stream:
+            def __init__(s, device=None, priority=0, name=None):
+                s.priority, s.name = priority, name or f"stream-{priority}"
+
+            def wait_event(s, ev):
+                fake.log.append(("wait", s, ev))
+
+            def synchronize(s):
+                pass
+
+        class Event:
+            def __init__(e, enable_timing=False):
+                e.stream = None
+
+            def record(e, stream=None):
+                e.stream = stream or fake.current_stream()
+                fake.log.append(("record", e.stream, e))
+
+            def query(e):
+                return True
+
+            def synchronize(e):
+                pass
+
+            def elapsed_time(e, other):
+                return 1.5
+
+        self.Stream, self.Event = Stream, Event
+        self.default = Stream(name="default")
+
+    def current_stream(self, device=None):
+        return getattr(self.local, "stream", self.default)
+
+    def stream(self, s):
+        fake = self
+
+        class Ctx:
+            def __enter__(c):
+                c.prev = fake.current_stream()
+                fake.local.stream = s
+
+            def __exit__(c, *exc):
+                fake.local.stream = c.prev
+        return Ctx()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = FakeCuda()
+    for name in ("Stream", "Event", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    eng = TransferEngine(torch.device("cuda"), threads=2)
+    yield fake, eng
+    eng.close()
+
+
+def test_cuda_job_runs_on_its_stream_after_the_callers_stream(fake_cuda):
+    fake, eng = fake_cuda
+    caller = fake.Stream(name="caller")
+    ran_on = []
+    with fake.stream(caller):
+        job = eng.submit(lambda: ran_on.append(fake.current_stream()), "h2d")
+    h2d = eng.stream("h2d")
+    assert ran_on == [h2d]
+    fence = fake.log[0]
+    assert fence[0] == "record" and fence[1] is caller                   # an event on the caller's stream...
+    assert fake.log[1] == ("wait", h2d, fence[2])                         # ...that the copy stream waits for
+    assert [e[0] for e in fake.log[2:]] == ["record", "record"] and all(e[1] is h2d for e in fake.log[2:])
+    assert job._event is fake.log[-1][2] and job.seconds == pytest.approx(1.5e-3)
+    fake.log.clear()
+    with fake.stream(caller):
+        stall = job.wait_stream(measure=True)                            # compute waits on the device
+    assert [(e[0], e[1]) for e in fake.log] == [("record", caller), ("wait", caller), ("record", caller)]
+    assert fake.log[1][2] is job._event and stall.seconds == pytest.approx(1.5e-3)
+    assert eng.poll() == [job.id]
+
+
+def test_cuda_worker_thread_orders_after_the_fence_not_its_own_stream(fake_cuda):
+    fake, eng = fake_cuda
+    caller = fake.Stream(name="caller")
+    with fake.stream(caller):
+        fence = eng.fence()
+    fake.log.clear()
+    t = threading.Thread(target=lambda: eng.submit(lambda: None, "d2h", after=fence))
+    t.start()
+    t.join()
+    d2h = eng.stream("d2h")
+    assert fake.log[0] == ("wait", d2h, fence)
+    assert not any(e[0] == "record" and e[1] is fake.default for e in fake.log)  # the worker's stream is irrelevant
+
+
+def test_cuda_streams_per_direction_priority_and_record_stream(fake_cuda):
+    fake, eng = fake_cuda
+    assert eng.stream("h2d") is eng.stream("h2d") and eng.stream("h2d") is not eng.stream("d2h")
+    assert eng.stream("h2d", priority=True).priority == -1 and eng.stream("h2d").priority == 0
+
+    class FakeCudaTensor:
+        is_cuda = True
+
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, s):
+            self.recorded.append(s)
+    t = FakeCudaTensor()
+    job = eng.submit(lambda: None, "d2d", priority=True, tensors=[t])
+    assert t.recorded == [eng.stream("d2d", priority=True)]
+    assert job.done() and job._keep == []                                 # released once seen done
+
+    def boom():
+        raise OSError("launch failed")
+    bad = eng.submit(boom, "h2d")
+    assert fake.log[-1][0] == "record" and bad.error is not None         # the end event is still recorded
+    with pytest.raises(OSError, match="launch failed"):
+        bad.wait()
+    follower = eng.submit(lambda: None, "h2d", after=bad)
+    with pytest.raises(RuntimeError, match=f"job {bad.id}"):
+        follower.wait()
+    ran = []
+    eng.submit(lambda: ran.append(threading.get_ident()), "h2h").wait()  # host work goes to the threads
+    assert ran and ran[0] != threading.get_ident()
+
+
+def test_host_buffer_registers_exactly_its_bytes_and_unregisters_once(monkeypatch):
+    import tiercache.pinned as pinned
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr, nbytes, flags))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+    monkeypatch.setattr(pinned, "_cuda_pinning_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    monkeypatch.setattr(torch.cuda, "check_error", lambda res: None)
+    buf = HostBuffer(((1000, 3), torch.bfloat16), pin=True)
+    ptr = buf.tensor.data_ptr()
+    assert buf.pinned and calls == [("register", ptr, 6000, 0)]          # 6000 bytes, not a power of two
+    buf.close()
+    buf.close()
+    assert calls == [("register", ptr, 6000, 0), ("unregister", ptr)] and buf.tensor is None
+    assert not HostBuffer(64, pin=False).pinned and len(calls) == 2
