@@ -7,12 +7,14 @@
 connector, in layer order); `layout` is one of `LAYOUTS` (see `layouts.py`). All layers, both planes
 and every block move in one launch on the Triton path; the torch path (CPU tensors, and the reference
 in tests) does one `index_select`/`index_copy_` per layer and plane. `impl="auto"` picks Triton for
-CUDA tensors and torch for CPU tensors; `impl="triton"` on CPU tensors needs `TRITON_INTERPRET=1`.
+CUDA tensors (torch when Triton is not installed) and torch for CPU tensors; `impl="triton"` on CPU
+tensors needs `TRITON_INTERPRET=1`.
 
 Block ids: a 1-D integer tensor (or a list) of ids into the paged cache. A gather may repeat ids
 and may read block 0 (vLLM's null block); a scatter may do neither (two writes to one block, or a
-write into the block every padded slot points at, are caller bugs). On CUDA the work is enqueued
-on the current stream: run it under the transfer engine's stream to overlap it with compute.
+write into the block every padded slot points at, are caller bugs). Ids are range-checked on the
+host: pass them as a list or a CPU tensor (CUDA ids cost a device-to-host sync). On CUDA the work is
+enqueued on the current stream: run it in a transfer-engine job to order it and overlap it with compute.
 """
 
 from __future__ import annotations
