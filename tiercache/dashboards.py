@@ -118,7 +118,9 @@ def _rows() -> list[tuple[str, int, list[dict]]]:
                     "saved.", "short",
                     [_target(f"sum by (tier) ({_rate(hit)})", "served from {{tier}}"),
                      _target(f"sum({_rate(lookup)})", "looked up", "B"),
-                     _target(f"sum({_rate('tiercache_stored_tokens_total')})", "stored", "C")]),
+                     _target(f"sum({_rate('tiercache_stored_tokens_total')})", "stored", "C"),
+                     _target(f"sum by (tier) ({_rate('tiercache_loaded_tokens_total')})", "loaded from {{tier}}",
+                             "D")]),
     ]
     movement = [
         _timeseries("Bytes moved per tier", "Read (load) and write (store) throughput of each tier.", "Bps",

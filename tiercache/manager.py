@@ -1,20 +1,12 @@
-"""TierCache: the public object, and the only place that knows several tiers.
+"""TierCache: the public object, composed of the decision layer and the byte layer.
 
-Tiers, fastest first: device pool, host pool, disk (LMDB), remote (Redis).
-A block is looked for from the top down; a hit is attributed to the fastest
-tier that holds it.
+    decisions  tiercache.core.BlockManager: slots, pins, eviction, admission, write policy
+    bytes      tiercache.mover.Mover over the media (memory slabs, LMDB, Redis) and the
+               write-behind that feeds the slow tiers
 
-store   new full blocks go into the memory tiers (write-through: every enabled
-        one; write-back: the top one only, with evictions spilling down) and,
-        under write-through, are queued for the disk. Never blocks on disk I/O.
-load    the longest cached prefix, copied into one tensor; disk blocks are
-        decoded into host slots (promotion) and, if there is a device tier,
-        placed there too.
-prefetch the same promotion on a background worker; `wait()` on the handle.
-
-Concurrency: one lock guards the pools' maps. Bytes move outside the lock
-while the slots involved are pinned (see tiers/pool.py), so a block being
-read or written is never evicted or overwritten.
+Every call is one plan: prepare (decide, pin, reserve) -> move bytes -> complete
+with what arrived, in a `finally`. So an interrupted or failing call releases
+exactly what it took and never leaves a slot readable whose bytes did not arrive.
 """
 
 from __future__ import annotations
@@ -29,20 +21,19 @@ import torch
 
 from .codec import BlockCodec
 from .config import CacheConfig
+from .core import BlockManager, DiskIndex, RemoteIndex, WriteJob
 from .errors import ClosedError, OnceLogger
 from .keys import BlockKey, KeyHasher, Namespace, tokens_to_array
-from .loading import LoadPath
-from .policy import make_admission_policy, make_eviction_policy
+from .layerwise import KVUnavailable, LayerLoad, PrefetchHandle
+from .mover import Mover
 from .stats import Recorder
-from .tiers.disk import DiskTier
-from .tiers.pool import BlockPool
-from .transfer import TransferEngine
-from .writer import DiskWriter, WriteItem
+from .tiers.slab import MemorySlab, StagingArea
+from .writebehind import EvictionGate, WriteBehind
 
-MEMORY_TIERS = ("device", "host")
+_MAX_QUEUED_PREFETCHES = 64
 
 
-class TierCache(LoadPath):
+class TierCache:
     def __init__(self, cfg: CacheConfig, registry: Any = None) -> None:
         if not isinstance(cfg, CacheConfig):
             raise TypeError(f"cfg: expected a CacheConfig, got {type(cfg).__name__}")
@@ -50,30 +41,19 @@ class TierCache(LoadPath):
         self.layout = layout = cfg.layout
         self._B = layout.block_size
         self._log = OnceLogger()
-        self._lock = threading.RLock()
         self._closed = False
         self._hasher = KeyHasher(cfg.hash_algo, cfg.hash_secret)
         for name, size in (("device_bytes", cfg.device_bytes), ("host_bytes", cfg.host_bytes)):
             if 0 < size < layout.block_bytes:
                 raise ValueError(f"{name}: {size} bytes is smaller than one block ({layout.block_bytes} bytes "
                                  f"for {layout.fingerprint()}); use 0 to turn the tier off")
-        cuda = torch.cuda.is_available()
-        self.pools: dict[str, BlockPool] = {}
-        if cfg.device_bytes:
-            self.pools["device"] = BlockPool("device", layout, cfg.device_bytes, cfg.device,
-                                             make_eviction_policy(cfg.eviction))
-        if cfg.host_bytes:
-            self.pools["host"] = BlockPool("host", layout, cfg.host_bytes, torch.device("cpu"),
-                                           make_eviction_policy(cfg.eviction), pin_memory=cuda)
-        self.disk: DiskTier | None = None
+        slots = {"device": cfg.device_bytes // layout.block_bytes, "host": cfg.host_bytes // layout.block_bytes}
+        self.disk = self.remote = None
+        tiers = [t for t in ("device", "host") if slots[t]]
         if cfg.disk_enabled:
-            self.disk = DiskTier(cfg.disk_path, layout, cfg.disk_bytes, writemap=cfg.disk_writemap)
-        self.remote = None
+            tiers.append("disk")
         if cfg.remote_url:
-            from .tiers.remote import RemoteTier
-            self.remote = RemoteTier(cfg.remote_url, log=self._log)  # codec and recorder are set below
-        self.tiers = tuple(t for t in ("device", "host", "disk", "remote")
-                           if t in self.pools or (t == "disk" and self.disk) or (t == "remote" and self.remote))
+            tiers.append("remote")
         self.metrics = None
         self._exporter = None
         if registry is not None or cfg.metrics_port is not None or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -81,27 +61,42 @@ class TierCache(LoadPath):
             if registry is None and cfg.metrics_port is not None and not is_multiprocess():
                 from prometheus_client import CollectorRegistry
                 registry = CollectorRegistry()  # private: what the exporter below serves
-            self.metrics = PromMetrics(self.tiers, registry=registry)
-        self.recorder = Recorder(self.tiers, self.metrics)
+            self.metrics = PromMetrics(tuple(tiers), registry=registry)
+        self.recorder = Recorder(tuple(tiers), self.metrics)
+        if cfg.disk_enabled:
+            from .tiers.disk import DiskTier
+            self.disk = _open_disk(DiskTier, cfg, layout, self._log, self.recorder)
+        if cfg.remote_url:
+            from .tiers.remote import RemoteTier
+            self.remote = _open_remote(RemoteTier, cfg, self._log, self.recorder)
+        self.tiers = tuple(t for t in tiers if t not in ("disk", "remote") or getattr(self, t) is not None)
         self.codec = BlockCodec(layout.fingerprint(), layout.itemsize, layout.num_layers,
                                 cfg.compression, cfg.zstd_level)
-        if self.remote is not None:
-            self.remote.codec, self.remote.recorder = self.codec, self.recorder
-        self.engine = TransferEngine(cfg.device, cfg.io_threads)
+        cuda = torch.cuda.is_available()
+        self.slabs = {t: MemorySlab(t, layout, slots[t], cfg.device if t == "device" else torch.device("cpu"),
+                                    pin=cuda and t == "host") for t in ("device", "host") if slots[t]}
+        self.staging = StagingArea(layout)
+        self.core = BlockManager(
+            {t: s.num_slots for t, s in self.slabs.items()}, eviction=cfg.eviction, admission=cfg.admission,
+            write_policy=cfg.write_policy, stage_limit=cfg.write_queue_blocks, events=self.recorder,
+            disk=_disk_index(self.disk) if self.disk is not None else None,
+            remote=RemoteIndex(self.remote.exists_many) if self.remote is not None else None,
+            on_stage_free=self.staging.release)
         self._io = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="tiercache-io")
+        self.mover = Mover(layout, self.slabs, self.staging, disk=self.disk, remote=self.remote, codec=self.codec,
+                           io=self._io, io_threads=cfg.io_threads, recorder=self.recorder, log=self._log,
+                           on_corrupt=self._corrupt)
+        self._writer = None
+        self._gate = EvictionGate()
+        if self.disk is not None or self.remote is not None:
+            self._writer = WriteBehind(disk=self.disk, remote=self.remote, codec=self.codec, recorder=self.recorder,
+                                       io=self._io, max_queue=cfg.write_queue_blocks, source=self.mover.tensor_of_job,
+                                       done=self.core.complete_write, disk_changed=self._disk_changed, log=self._log,
+                                       gate=self._gate)
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-prefetch")
         self._layer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-layers")
         self._prefetch_queued = 0
-        self._ns_desc: dict[bytes, dict] = {}  # namespace id -> description, for blocks spilled to disk
-        self._admission = make_admission_policy(cfg.admission)
-        self._pending: dict[BlockKey, torch.Tensor] = {}  # queued for disk, held in a private copy
-        self._on_disk_queued: set[BlockKey] = set()       # queued for disk from a host slot
-        self._scratch: list[torch.Tensor] = []  # block buffers for slow reads that found no free slot
-        self._scratch_max = max(4, 2 * cfg.io_threads)
-        self._writer = None
-        if self.disk is not None:
-            self._writer = DiskWriter(self.disk, self.codec, self.recorder, self._io, cfg.write_queue_blocks,
-                                      self._disk_written, self._log)
+        self._prefetch_lock = threading.Lock()
         self._update_usage()
         if cfg.metrics_port is not None:
             from .metrics import start_exporter
@@ -124,34 +119,17 @@ class TierCache(LoadPath):
         """Block keys of every full block of `tokens`."""
         return self._hasher.block_keys(tokens, self._B, self._namespace(salt))
 
-    # -- lookup --------------------------------------------------------------------------
-    def _locate(self, keys: list[BlockKey]) -> list[str]:
-        """The fastest tier of each key of the cached prefix (stops at the first miss)."""
-        found: list[str] = []
-        with self._lock:
-            for k in keys:
-                tier = next((t for t, p in self.pools.items() if k in p), None)
-                if tier is None:
-                    if k in self._pending:
-                        tier = "disk"
-                    else:
-                        break
-                found.append(tier)
-        rest = keys[len(found):]
-        if rest and self.disk is not None:
-            n = self.disk.count_prefix(rest)
-            found += ["disk"] * n
-            rest = rest[n:]
-        if rest and self.remote is not None:
-            found += ["remote"] * self.remote.count_prefix(rest)
-        return found
+    def _tag(self, salt: Any) -> tuple[bytes, dict]:
+        ns = self._namespace(salt)
+        return self._hasher.namespace_digest(ns)[:8], ns.describe()
 
+    # -- lookup --------------------------------------------------------------------------
     def lookup(self, tokens: Any, salt: Any = None) -> int:
         """Tokens of the longest cached prefix (a multiple of block_size). Moves nothing; counts metrics."""
         self._check_open()
         arr = tokens_to_array(tokens)
-        tiers = self._locate(self._hasher.block_keys(arr, self._B, self._namespace(salt)))
-        by_tier: dict[str, int] = {t: 0 for t in self.tiers}
+        tiers = self.core.lookup(self._hasher.block_keys(arr, self._B, self._namespace(salt)))
+        by_tier = {t: 0 for t in self.tiers}
         for t in tiers:
             by_tier[t] += 1
         self.recorder.lookup(len(arr), {t: n * self._B for t, n in by_tier.items()}, by_tier)
@@ -161,7 +139,7 @@ class TierCache(LoadPath):
         """Tokens of the cached prefix per serving tier, without counting a lookup."""
         self._check_open()
         out = {t: 0 for t in self.tiers}
-        for t in self._locate(self.keys(tokens, salt)):
+        for t in self.core.lookup(self.keys(tokens, salt)):
             out[t] += self._B
         return out
 
@@ -182,175 +160,219 @@ class TierCache(LoadPath):
         self._check_open()
         arr = tokens_to_array(tokens)
         self._check_kv(kv, len(arr))
-        ns = self._namespace(salt)
-        keys = self._hasher.block_keys(arr, self._B, ns)
+        keys = self._hasher.block_keys(arr, self._B, self._namespace(salt))
         if not keys:
             return 0
-        ns_id = self._ns_id(ns)
+        kv6 = kv.detach()[:, :, :len(keys) * self._B].unflatten(2, (len(keys), self._B))
         t0 = time.perf_counter()
-        B = self._B
-        write_back = self.cfg.write_policy == "write_back"
-        order = [t for t in MEMORY_TIERS if t in self.pools]
-        targets = order[:1] if write_back else order
-        # What the disk already holds (one snapshot; outside the lock: LMDB readers never block)
-        on_disk = self.disk.count_each(keys) if self.disk is not None else [False] * len(keys)
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        spills: list[tuple[str, BlockKey, int, Any]] = []  # (tier, key, slot, tag) evicted under write-back
-        reserved: list[tuple[str, BlockKey]] = []
-        present = list(on_disk)   # block i is cached (or committed to be) after this call
-        new: list[int] = []       # blocks no tier held before this call
-        with self._lock:
-            for i, k in enumerate(keys):
-                have = [t for t, p in self.pools.items() if k in p]
-                for t in have:
-                    self.pools[t].touch(k)
-                if have:
-                    present[i] = True
-                    continue
-                if k in self._pending:
-                    present[i] = True
-                elif not on_disk[i]:
-                    new.append(i)
-                for t in targets:
-                    r = self.pools[t].reserve(k, ns_id)
-                    if r is None:
-                        continue
-                    slot, evicted = r
-                    if write_back:
-                        spills += [(t, *e) for e in evicted]
-                    else:
-                        self.recorder.evicted(t, len(evicted))
-                    copies.append((self.pools[t].view(slot), kv[:, :, i * B:(i + 1) * B]))
-                    reserved.append((t, k))
-                    present[i] = True
-        # Under write-back, victims move down before their slots are overwritten.
-        for tier, vkey, slot, tag in spills:
-            self._spill(tier, vkey, slot, tag)
+        plan = self.core.prepare_store(keys, self._tag(salt))
+        ok = [False] * len(keys)
+        jobs: list[WriteJob] = []
         try:
-            self.engine.copy(copies).wait()
-        except BaseException:
-            with self._lock:
-                for t, k in reserved:
-                    self.pools[t].abort(k)
-            raise
+            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            self.mover.write_blocks(plan, kv6)
+            ok = [True] * len(keys)
+        finally:
+            cached, more = self.core.complete_store(plan, ok)
+            jobs += more
+            dropped = self._queue(jobs)
         seconds = time.perf_counter() - t0
         per_tier: dict[str, int] = {}
-        with self._lock:
-            for t, k in reserved:
-                self.pools[t].commit(k)
-                per_tier[t] = per_tier.get(t, 0) + 1
+        for dsts in plan.dsts.values():
+            for t, _ in dsts:
+                if t != "stage":
+                    per_tier[t] = per_tier.get(t, 0) + 1
         for t, n in per_tier.items():
             self.recorder.stored(t, n * self.layout.block_bytes, seconds)
-        # New blocks go down: to the disk under write-through (under write-back only if no memory
-        # tier took them), and always to the remote tier.
-        reserved_keys = {k for _, k in reserved}
-        for i in new:
-            k, src = keys[i], kv[:, :, i * B:(i + 1) * B]
-            if self._writer is not None and (not write_back or k not in reserved_keys):
-                if self._offer_disk(k, src, ns_id):
-                    present[i] = True
-            if self.remote is not None:
-                self.remote.put_async(k, src)
-        self.recorder.stored_tokens(sum(1 for i in new if present[i]) * B)
-        self._update_usage()
+        if dropped:  # a block whose only copy was a dropped write is not cached
+            local = self.core.cached_locally([keys[i] for i in range(len(keys)) if keys[i] in dropped])
+            for i, k in enumerate(keys):
+                if k in dropped:
+                    cached[i] = local.pop(0)
+        self.recorder.stored_tokens(sum(1 for i in range(len(keys)) if cached[i] and not plan.present[i]) * self._B)
+        n = next((i for i, c in enumerate(cached) if not c), len(cached))
+        return n * self._B
+
+    def _queue(self, jobs: list[WriteJob]) -> set:
+        dropped = set()
+        for j in jobs:
+            if self._writer is None or not self._writer.offer(j):
+                for d in j.dests:
+                    self.recorder.dropped_write(d)
+                self.core.complete_write(j, {d: False for d in j.dests})
+                dropped.add(j.key)
+        return dropped
+
+    # -- load ----------------------------------------------------------------------------
+    def _check_out(self, out: Any) -> None:
+        L = self.layout
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != L.dtype:
+            raise TypeError(f"out: expected dtype {L.dtype} (the layout's), got {out.dtype}")
+        if out.dim() != 5 or (out.shape[0], out.shape[1], out.shape[3], out.shape[4]) != \
+                (L.num_layers, L.planes, L.num_kv_heads, L.head_dim):
+            raise ValueError(f"out: expected shape [{L.num_layers}, {L.planes}, T, {L.num_kv_heads}, "
+                             f"{L.head_dim}], got {list(out.shape)}")
+
+    def load(self, tokens: Any, out: torch.Tensor | None = None, salt: Any = None) -> torch.Tensor:
+        """KV of the longest cached prefix, [L, planes, n, H, D] on cfg.device (n = 0 on a miss).
+
+        With `out=`, the blocks are written into that preallocated tensor (its token
+        axis bounds how many are loaded) and the filled view out[:, :, :n] is returned.
+        """
+        self._check_open()
+        keys = self.keys(tokens_to_array(tokens), salt)
+        if out is not None:
+            self._check_out(out)
+            keys = keys[: out.shape[2] // self._B]
+        t0 = time.perf_counter()
+        plan, reader, get = self._plan_load(keys)
+        ok = [False] * len(plan)
+        jobs: list[WriteJob] = []
         n = 0
-        while n < len(present) and present[n]:
-            n += 1
-        return n * B
-
-    def _ns_id(self, ns: Namespace) -> bytes:
-        ns_id = self._hasher.namespace_digest(ns)[:8]
-        if ns_id not in self._ns_desc:
-            self._ns_desc[ns_id] = ns.describe()
-        return ns_id
-
-    def _offer_disk(self, key: BlockKey, src: torch.Tensor | None, ns_id: bytes | None,
-                    block: bool = False, admit: bool = True) -> bool:
-        """Queue one block for the disk, reading it from its host slot if it has one.
-
-        Without a host slot the block is copied (`src`), so the caller's tensor may be reused at once.
-        """
-        if self._writer is None or (admit and not self._admission.admit(key)):
-            return False
-        desc = self._ns_desc.get(ns_id, {"model_id": "unknown"}) if ns_id else {"model_id": "unknown"}
-        ns_id = ns_id or b"\0" * 8
-        with self._lock:
-            if key in self._pending or key in self._on_disk_queued:
-                return True
-            host = self.pools.get("host")
-            slot = host.get(key) if host is not None else None
-            if slot is not None:
-                host.pin(key)
-                self._on_disk_queued.add(key)
-                item = WriteItem(key, host.view(slot), ns_id, desc, release=lambda: self._release_host(key))
-            elif src is not None:
-                copy = src.detach().to("cpu", copy=True).contiguous()
-                self._pending[key] = copy
-                item = WriteItem(key, copy, ns_id, desc, release=lambda: self._release_pending(key))
-            else:
-                return False
-        return self._writer.offer(item, block=block)
-
-    def _offer_disk_from_pool(self, key: BlockKey, block: bool = False, admit: bool = True) -> bool:
-        """Offer a block held in a memory tier to the disk (second-hit admission, write-back close)."""
-        with self._lock:
-            for pool in self.pools.values():
-                slot = pool.get(key)
-                if slot is not None:
-                    tag = pool.tag(key)
-                    pool.pin(key)
-                    break
-            else:
-                return False
         try:
-            src = pool.view(slot) if pool.name == "host" else pool.view(slot).to("cpu")
-            return self._offer_disk(key, src, tag, block=block, admit=admit)
+            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            targets = self.mover.fetch_targets(plan)
+            good = set(range(len(plan))) - set(targets)
+            good |= self.mover.fetch(plan, targets, disk_get=get)
+            n = next((i for i in range(len(plan)) if i not in good), len(plan))
+            if out is None:
+                out = torch.empty(self.layout.kv_shape(n * self._B), dtype=self.layout.dtype, device=self.cfg.device)
+            if n:
+                self.mover.gather(plan, n, out[:, :, :n * self._B].unflatten(2, (n, self._B)), targets)
+            promoted = self.mover.promote(plan, good, targets)
+            ok = [i in good and (i not in plan.promote or i in promoted) for i in range(len(plan))]
         finally:
-            with self._lock:
-                pool.unpin(key)
+            if reader is not None:
+                reader.__exit__(None, None, None)
+            jobs += self.core.complete_load(plan, ok)
+            self._queue(jobs)
+        self._account_load(plan.serving[:n], time.perf_counter() - t0)
+        return out[:, :, : n * self._B]
 
-    def _release_host(self, key: BlockKey) -> None:
-        with self._lock:
-            self._on_disk_queued.discard(key)
-            self.pools["host"].unpin(key)
+    def _plan_load(self, keys: list[BlockKey]) -> tuple[Any, Any, Any]:
+        """prepare_load, and the disk snapshot its slow blocks are read from, opened before any
+        eviction can be committed in between (see writebehind.EvictionGate)."""
+        if self.disk is None:
+            return self.core.prepare_load(keys), None, None
+        with self._gate.shared():
+            plan = self.core.prepare_load(keys)
+            if not any(src[0] == "disk" for src in plan.srcs):
+                return plan, None, None
+            try:
+                reader = self.disk.reader()
+                return plan, reader, reader.__enter__()
+            except BaseException:
+                self.core.complete_load(plan, [False] * len(plan))
+                raise
 
-    def _release_pending(self, key: BlockKey) -> None:
-        with self._lock:
-            self._pending.pop(key, None)
+    def _account_load(self, serving: list[str], seconds: float) -> None:
+        by_tier: dict[str, int] = {}
+        for t in serving:
+            by_tier[t] = by_tier.get(t, 0) + 1
+        for t, n in by_tier.items():
+            self.recorder.loaded(t, n * self.layout.block_bytes, seconds, n * self._B)
 
-    def _spill(self, tier: str, key: BlockKey, slot: int, tag: Any) -> None:
-        """Write-back: a block evicted from `tier` moves one tier down (host, then disk).
+    def _corrupt(self, tier: str, key: BlockKey, err: Exception) -> None:
+        self.recorder.corrupt(tier)
+        self._log.warning(f"corrupt-{tier}", "tiercache: corrupt %s block %s (%s); treated as a miss and deleted",
+                          tier, key.hex(), err)
+        self.core.slow_removed(tier, [key])
+        if tier == "disk" and self._writer is not None:
+            self._writer.delete_later(key)
+        elif tier == "remote" and self.remote is not None:
+            self.remote.delete(key)
 
-        Its old slot already belongs to the block that displaced it, which the
-        caller writes only after this returns.
-        """
-        self.recorder.evicted(tier, 1)
-        src = self.pools[tier].view(slot)
-        if tier == "device" and "host" in self.pools:
-            host = self.pools["host"]
-            with self._lock:
-                r = host.reserve(key, tag)
-            if r is not None:
-                hslot, evicted = r
-                for vkey, vslot, vtag in evicted:
-                    self._spill("host", vkey, vslot, vtag)
-                host.view(hslot).copy_(src)
-                with self._lock:
-                    host.commit(key)
-                return
-        if self._writer is None or self.disk.count_each([key])[0]:
-            return
-        if not self._admission.admit(key):
-            return
-        copy = src.detach().to("cpu", copy=True).contiguous()
-        with self._lock:
-            self._pending[key] = copy
-        desc = self._ns_desc.get(tag, {"model_id": "unknown"})
-        # never wait on the disk in the caller's thread: under backpressure the spill is dropped and counted
-        self._writer.offer(WriteItem(key, copy, tag or b"\0" * 8, desc, release=lambda: self._release_pending(key)))
+    def _disk_changed(self, written: list, removed: list, counter: int | None) -> None:
+        index = self.core.disk
+        if index is not None:
+            if removed:
+                self.core.slow_removed("disk", removed)
+            if counter is not None:
+                index.committed(counter)
 
-    def _disk_written(self, written: list[BlockKey], evicted: list[BlockKey]) -> None:
-        self._update_usage()
+    # -- prefetch and layer-wise ---------------------------------------------------------
+    def prefetch(self, tokens: Any, salt: Any = None) -> PrefetchHandle:
+        """Bring the cached prefix up into the memory tiers in the background."""
+        self._check_open()
+        keys = self.keys(tokens_to_array(tokens), salt)
+        with self._prefetch_lock:
+            if self._prefetch_queued >= _MAX_QUEUED_PREFETCHES:
+                return PrefetchHandle(None, self.recorder, dropped=True)
+            self._prefetch_queued += 1
+        return PrefetchHandle(self._prefetcher.submit(self._prefetch_job, keys), self.recorder)
+
+    def _prefetch_job(self, keys: list[BlockKey]) -> int:
+        with self._prefetch_lock:
+            self._prefetch_queued -= 1
+        if self._closed or not self.slabs:
+            return 0
+        t0 = time.perf_counter()
+        plan, reader, get = self._plan_load(keys)
+        ok = [False] * len(plan)
+        jobs: list[WriteJob] = []
+        try:
+            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            targets = self.mover.fetch_targets(plan)
+            good = (set(range(len(plan))) - set(targets)) | self.mover.fetch(plan, targets, disk_get=get)
+            promoted = self.mover.promote(plan, good, targets)
+            ok = [i in good and (i not in plan.promote or i in promoted) for i in range(len(plan))]
+        finally:
+            if reader is not None:
+                reader.__exit__(None, None, None)
+            jobs += self.core.complete_load(plan, ok)
+            self._queue(jobs)
+        n = next((i for i, g in enumerate(ok) if not g), len(ok))
+        moved = [plan.serving[i] for i in range(n) if plan.srcs[i][0] in ("disk", "remote")]
+        if moved:
+            self._account_load(moved, time.perf_counter() - t0)
+        return n * self._B
+
+    def load_layers(self, tokens: Any, salt: Any = None, num_tokens: int | None = None) -> LayerLoad:
+        """Start a layer-by-layer load of the cached prefix; see tiercache.layerwise.LayerLoad."""
+        self._check_open()
+        keys = self.keys(tokens_to_array(tokens), salt)
+        if num_tokens is not None:
+            keys = keys[: num_tokens // self._B]
+        plan = self.core.prepare_load(keys)
+        try:
+            n = len(plan) * self._B
+            out = torch.empty(self.layout.kv_shape(n), dtype=self.layout.dtype, device=self.cfg.device)
+            ll = LayerLoad(out, n, self.recorder, cuda_events=self.cfg.device.type == "cuda")
+            self._layer_worker.submit(self._layer_job, plan, ll)
+        except BaseException:
+            self.core.complete_load(plan, [False] * len(plan))
+            raise
+        return ll
+
+    def _layer_job(self, plan: Any, ll: LayerLoad) -> None:
+        t0 = time.perf_counter()
+        ok = [False] * len(plan)
+        jobs: list[WriteJob] = []
+        try:
+            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            targets = self.mover.fetch_targets(plan)
+            n = len(plan)
+            out6 = ll.out.unflatten(2, (n, self._B)) if n else None
+            for i in range(ll.num_layers):
+                if targets:
+                    got = self.mover.fetch(plan, targets, range(i, i + 1))
+                    if len(got) < len(targets):
+                        raise KVUnavailable(f"layer {i}: {len(targets) - len(got)} blocks could not be read")
+                if n:
+                    self.mover.gather(plan, n, out6[i], targets, layer=i)
+                ll.layer_ready(i)
+            promoted = self.mover.promote(plan, set(range(n)), targets)
+            ok = [i not in plan.promote or i in promoted for i in range(n)]
+        except BaseException as e:  # a failed layer-wise load is a miss for the caller, never wrong KV
+            ll.fail(e)
+        finally:
+            jobs += self.core.complete_load(plan, ok)
+            self._queue(jobs)
+        if all(ok):
+            self._account_load(plan.serving, time.perf_counter() - t0)
+            ll.finish()
 
     # -- close ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -358,11 +380,11 @@ class TierCache(LoadPath):
             raise ClosedError("TierCache is closed")
 
     def flush(self) -> None:
-        """Wait until every queued disk write is committed."""
+        """Wait until every queued slow-tier write is committed (no-op once closed)."""
+        if self._closed:
+            return
         if self._writer is not None:
             self._writer.flush()
-        if self.remote is not None:
-            self.remote.flush()
         self._update_usage()
 
     def close(self) -> None:
@@ -372,18 +394,19 @@ class TierCache(LoadPath):
         try:
             self._prefetcher.shutdown(wait=True)
             self._layer_worker.shutdown(wait=True)
-            if self.cfg.write_policy == "write_back" and self._writer is not None:
+            if self.cfg.write_policy == "write_back" and self.disk is not None and self._writer is not None:
                 self._write_back_all()
             if self._writer is not None:
                 self._writer.close()
-            if self.remote is not None:
-                self.remote.close()
         finally:
             self._closed = True
-            self.engine.close()
             self._io.shutdown(wait=True)
+            for slab in self.slabs.values():
+                slab.close()
             if self.disk is not None:
                 self.disk.close()
+            if self.remote is not None:
+                self.remote.close()
             if self._exporter is not None:
                 from .metrics import stop_exporter
                 stop_exporter(self._exporter[0], self._exporter[1])
@@ -391,12 +414,11 @@ class TierCache(LoadPath):
                 self.metrics.close()
 
     def _write_back_all(self) -> None:
-        with self._lock:
-            held = list(dict.fromkeys(k for t in ("host", "device") if t in self.pools for k in self.pools[t].keys()))
-        on_disk = self.disk.count_each(held) if held else []
-        for k, there in zip(held, on_disk):
-            if not there:
-                self._offer_disk_from_pool(k, block=True, admit=False)
+        jobs, spills = self.core.prepare_write_back()
+        jobs += self.mover.run_spills(spills, self.core.finish_write_back_spill)
+        for j in jobs:
+            if not self._writer.offer(j, block=True):
+                self.core.complete_write(j, {d: False for d in j.dests})
         self._writer.flush()
 
     def __enter__(self) -> "TierCache":
@@ -414,8 +436,10 @@ class TierCache(LoadPath):
 
     # -- stats ---------------------------------------------------------------------------
     def _update_usage(self) -> None:
-        for name, pool in self.pools.items():
-            self.recorder.usage(name, pool.used_bytes, pool.capacity_bytes, len(pool))
+        bb = self.layout.block_bytes
+        for name, slab in self.slabs.items():
+            held = self.core.held_by(name)
+            self.recorder.usage(name, held * bb, slab.num_slots * bb, held)
         if self.disk is not None:
             used, blocks = self.disk.used()
             self.recorder.usage("disk", used, self.disk.capacity_bytes, blocks)
@@ -426,4 +450,24 @@ class TierCache(LoadPath):
             self._update_usage()
         out = self.recorder.snapshot()
         out["pending_disk_writes"] = self._writer.pending() if self._writer is not None else 0
+        out["in_flight"] = self.core.in_flight()
         return out
+
+
+def _open_disk(cls: Any, cfg: CacheConfig, layout: Any, log: OnceLogger, recorder: Recorder) -> Any:
+    try:
+        disk = cls(cfg.disk_path, layout, cfg.disk_bytes, writemap=cfg.disk_writemap, log=log, recorder=recorder)
+    except TypeError:  # a DiskTier without fault reporting hooks
+        disk = cls(cfg.disk_path, layout, cfg.disk_bytes, writemap=cfg.disk_writemap)
+    return disk if getattr(disk, "available", True) else None
+
+
+def _open_remote(cls: Any, cfg: CacheConfig, log: OnceLogger, recorder: Recorder) -> Any:
+    kwargs = {"timeout_s": cfg.remote_timeout_s} if hasattr(cfg, "remote_timeout_s") else {}
+    return cls(cfg.remote_url, log=log, recorder=recorder, **kwargs)
+
+
+def _disk_index(disk: Any) -> DiskIndex:
+    keys = disk.keys() if hasattr(disk, "keys") else (k for k, _ in disk.iter_meta())
+    counter = disk.change_counter if hasattr(disk, "change_counter") else (lambda: disk.env.info()["last_txnid"])
+    return DiskIndex(keys, counter, disk.count_each)

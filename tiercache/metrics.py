@@ -29,7 +29,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from .stats import PREFETCH_OUTCOMES, TIERS
 
-ERROR_OPS = ("lookup", "store", "load", "prefetch", "evict", "delete")  # the `op` label of errors_total
+ERROR_OPS = ("lookup", "store", "load", "prefetch", "evict", "delete", "open", "keys", "stats", "spill",
+             "store_map_full")  # the `op` label of errors_total
 # 10 µs .. 10 s: a host hit on one block is tens of µs, a cold disk batch or a Redis round trip can take seconds.
 LATENCY_BUCKETS = (1e-05, 2.5e-05, 5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,6 +58,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("tiercache_stored_tokens_total", "counter", "Tokens whose KV was stored (full blocks only)."),
     MetricSpec("tiercache_stored_bytes_total", "counter", "Bytes of KV blocks written into a tier.", ("tier",)),
     MetricSpec("tiercache_loaded_bytes_total", "counter", "Bytes of KV blocks read from a tier.", ("tier",)),
+    MetricSpec("tiercache_loaded_tokens_total", "counter",
+               "Tokens served by load()/load_layers()/prefetch(), by the tier that served them.", ("tier",)),
     MetricSpec("tiercache_load_seconds", "histogram", "Time to read a batch of blocks from a tier.", ("tier",)),
     MetricSpec("tiercache_store_seconds", "histogram", "Time to write a batch of blocks into a tier.", ("tier",)),
     MetricSpec("tiercache_evictions_total", "counter", "Blocks evicted from a tier.", ("tier",)),
@@ -238,12 +241,15 @@ class PromMetrics:
         self._child("tiercache_stored_bytes_total", tier).inc(nbytes)
         self._child("tiercache_store_seconds", tier).observe(seconds)
 
-    def loaded(self, tier: str, nbytes: int, seconds: float) -> None:
+    def loaded(self, tier: str, nbytes: int, seconds: float, tokens: int = 0) -> None:
         if self._closed:
             return
         _nonneg(nbytes, "nbytes")
         _nonneg(seconds, "seconds")
+        _nonneg(tokens, "tokens")
         self._child("tiercache_loaded_bytes_total", tier).inc(nbytes)
+        if tokens:
+            self._child("tiercache_loaded_tokens_total", tier).inc(tokens)
         self._child("tiercache_load_seconds", tier).observe(seconds)
 
     def evicted(self, tier: str, n: int) -> None:

@@ -24,7 +24,7 @@ class MetricsSink(Protocol):
     def lookup(self, asked_tokens: int, hit_tokens: dict[str, int]) -> None: ...
     def stored_tokens(self, n: int) -> None: ...
     def stored(self, tier: str, nbytes: int, seconds: float) -> None: ...
-    def loaded(self, tier: str, nbytes: int, seconds: float) -> None: ...
+    def loaded(self, tier: str, nbytes: int, seconds: float, tokens: int) -> None: ...
     def evicted(self, tier: str, n: int) -> None: ...
     def usage(self, tier: str, used_bytes: int, capacity_bytes: int, blocks: int) -> None: ...
     def disk_written(self, raw_bytes: int, compressed_bytes: int) -> None: ...
@@ -42,6 +42,7 @@ class TierStats:
     hit_tokens: int = 0
     stored_bytes: int = 0
     loaded_bytes: int = 0
+    loaded_tokens: int = 0
     store_seconds: float = 0.0
     load_seconds: float = 0.0
     evictions: int = 0
@@ -68,7 +69,7 @@ class CacheStats:
         """A plain, JSON-serialisable view: flat per-tier maps plus a nested `tiers` map."""
         tiers = {name: {
             "hit_blocks": t.hit_blocks, "hit_tokens": t.hit_tokens,
-            "stored_bytes": t.stored_bytes, "loaded_bytes": t.loaded_bytes,
+            "stored_bytes": t.stored_bytes, "loaded_bytes": t.loaded_bytes, "loaded_tokens": t.loaded_tokens,
             "store_seconds": t.store_seconds, "load_seconds": t.load_seconds,
             "evictions": t.evictions, "used_bytes": t.used_bytes,
             "capacity_bytes": t.capacity_bytes, "blocks": t.blocks,
@@ -90,6 +91,7 @@ class CacheStats:
             "stored_tokens": self.stored_tokens,
             "stored_bytes": per_tier("stored_bytes"),
             "loaded_bytes": per_tier("loaded_bytes"),
+            "loaded_tokens": per_tier("loaded_tokens"),
             "evictions": per_tier("evictions"),
             "used_bytes": per_tier("used_bytes"),
             "capacity_bytes": per_tier("capacity_bytes"),
@@ -147,13 +149,14 @@ class Recorder:
         if self.sink:
             self.sink.stored(tier, nbytes, seconds)
 
-    def loaded(self, tier: str, nbytes: int, seconds: float) -> None:
+    def loaded(self, tier: str, nbytes: int, seconds: float, tokens: int = 0) -> None:
         with self._lock:
             t = self._t(tier)
             t.loaded_bytes += nbytes
+            t.loaded_tokens += tokens
             t.load_seconds += seconds
         if self.sink:
-            self.sink.loaded(tier, nbytes, seconds)
+            self.sink.loaded(tier, nbytes, seconds, tokens)
 
     def evicted(self, tier: str, n: int) -> None:
         if not n:

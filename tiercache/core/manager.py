@@ -51,7 +51,7 @@ class _NoEvents:
 class BlockManager:
     def __init__(self, slots: dict[str, int], *, eviction: str = "lru", admission: str = "all",
                  write_policy: str = "write_through", disk: Any = None, remote: Any = None,
-                 stage_limit: int = 1024, events: Any = None) -> None:
+                 stage_limit: int = 1024, events: Any = None, on_stage_free: Any = None) -> None:
         unknown = set(slots) - set(MEMORY_TIERS)
         if unknown:
             raise ValueError(f"slots: expected tiers among {list(MEMORY_TIERS)}, got {sorted(unknown)}")
@@ -69,6 +69,7 @@ class BlockManager:
         self._stage_free = list(range(stage_limit - 1, -1, -1))
         self._stage_next = stage_limit  # ids past the limit: only for close-time write-back
         self._tags: dict[Key, object] = {}
+        self._on_stage_free = on_stage_free  # the byte layer drops the buffer behind a staging id
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -183,6 +184,8 @@ class BlockManager:
         return self._stage_next - 1
 
     def _stage_release(self, sid: int) -> None:
+        if self._on_stage_free is not None:
+            self._on_stage_free(sid)
         if sid < self._stage_limit:
             self._stage_free.append(sid)
 
@@ -446,6 +449,11 @@ class BlockManager:
     # -- introspection -------------------------------------------------------------------
     def tag(self, key: Key) -> object:
         return self._tags.get(key)
+
+    def cached_locally(self, keys: list[Key]) -> list[bool]:
+        """Whether each block is readable from memory, staging or the disk index right now."""
+        with self._lock:
+            return [self._local(k) is not None for k in keys]
 
     def held_by(self, tier: str) -> int:
         with self._lock:

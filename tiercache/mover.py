@@ -1,0 +1,235 @@
+"""The byte layer: executes the core's plans over the media. It decides nothing.
+
+    spills     write-back victims copied to their new home before their slots are reused
+    fetch      frames of slow blocks read (one LMDB snapshot, one Redis MGET) and decoded,
+               verified, into the block's promotion slot or a scratch buffer
+    gather     the served prefix copied into the caller's tensor: one index_select per medium
+    promote    blocks copied into the memory slots reserved for them above their source
+
+Every decode task is waited for before a plan is completed, whatever happened
+(an error in a sibling task, a KeyboardInterrupt in the caller): no task may
+still write into a slot once the core has released it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec import frame_segments
+from .config import KVLayout
+from .core.plans import LoadPlan, Loc, Spill
+from .errors import CorruptFrame, OnceLogger
+from .tiers.slab import MemorySlab, StagingArea
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class Mover:
+    def __init__(self, layout: KVLayout, slabs: dict[str, MemorySlab], staging: StagingArea, *, disk: Any,
+                 remote: Any, codec: Any, io: cf.ThreadPoolExecutor, io_threads: int, recorder: Any,
+                 log: OnceLogger, on_corrupt: Callable[[str, Any, Exception], None]) -> None:
+        self.layout = layout
+        self.slabs = slabs
+        self.staging = staging
+        self.disk, self.remote, self.codec = disk, remote, codec
+        self._io = io
+        self._threads = io_threads
+        self.recorder = recorder
+        self._log = log
+        self._on_corrupt = on_corrupt
+
+    # -- locations -----------------------------------------------------------------------
+    def tensor(self, loc: Loc) -> torch.Tensor:
+        medium, slot = loc
+        if medium == "stage":
+            return self.staging.get(slot)
+        return self.slabs[medium].view(slot)
+
+    def tensor_of_job(self, job: Any) -> torch.Tensor:
+        """The bytes of a write job (a pinned host slot or a staging buffer)."""
+        return self.tensor(job.src)
+
+    def write_blocks(self, plan: Any, kv6: torch.Tensor) -> None:
+        """Copy the caller's blocks (kv6: [L, planes, n, B, H, D]) into every slot the store plan reserved."""
+        per_slab: dict[str, tuple[list[int], list[int]]] = {}
+        for i, dsts in plan.dsts.items():
+            for medium, slot in dsts:
+                if medium == "stage":
+                    self.staging.get(slot).copy_(kv6[:, :, i])
+                else:
+                    pos, slots = per_slab.setdefault(medium, ([], []))
+                    pos.append(i)
+                    slots.append(slot)
+        for medium, (pos, slots) in per_slab.items():
+            src = kv6 if len(pos) == kv6.shape[2] else \
+                kv6.index_select(2, torch.tensor(pos, device=kv6.device))
+            self.slabs[medium].scatter(slots, src)
+
+    def run_spills(self, spills: list[Spill], complete: Callable[[Spill, bool], Any]) -> list:
+        """Copy each victim to its new home, in order (deeper spills come first); report each."""
+        jobs = []
+        for s in spills:
+            ok = False
+            try:
+                self.tensor(s.dst).copy_(self.tensor(s.src))
+                ok = True
+            except Exception as e:
+                self.recorder.error(s.src[0], "spill")
+                self._log.warning("spill", "tiercache: moving an evicted block down failed (%r); it is dropped", e)
+            job = complete(s, ok)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    # -- slow blocks ---------------------------------------------------------------------
+    def fetch_targets(self, plan: LoadPlan) -> dict[int, Loc | torch.Tensor]:
+        """Where each slow block is decoded: its host (or CPU device) promotion slot, else scratch."""
+        slow = plan.slow()
+        targets: dict[int, Loc | torch.Tensor] = {}
+        need_scratch = []
+        for i in slow:
+            loc = next((d for d in plan.promote.get(i, ()) if self.slabs[d[0]].device.type == "cpu"), None)
+            if loc is not None:
+                targets[i] = loc
+            else:
+                need_scratch.append(i)
+        if need_scratch:
+            scratch = torch.empty((len(need_scratch), *self.layout.block_shape), dtype=self.layout.dtype)
+            for j, i in enumerate(need_scratch):
+                targets[i] = scratch[j]
+        return targets
+
+    def target_tensor(self, t: Loc | torch.Tensor) -> torch.Tensor:
+        return t if isinstance(t, torch.Tensor) else self.tensor(t)
+
+    def fetch(self, plan: LoadPlan, targets: dict[int, Loc | torch.Tensor], layers: range | None = None,
+              disk_get: Callable[[Any], Any] | None = None) -> set[int]:
+        """Read and decode the slow blocks of `plan` (all layers, or `layers`); the set decoded and verified.
+
+        `disk_get`: a read snapshot's get, opened by the caller when it planned the load."""
+        by_tier: dict[str, list[int]] = {}
+        for i in targets:
+            by_tier.setdefault(plan.srcs[i][0], []).append(i)
+        good: set[int] = set()
+        if by_tier.get("disk"):
+            idx = by_tier["disk"]
+            with self.disk.reader() if disk_get is None else nullcontext(disk_get) as get:
+                items = []
+                for i in idx:
+                    f = get(plan.keys[i])
+                    if f is not None:  # gone (another process evicted it): a miss
+                        items.append((i, f))
+                good |= self._decode(plan, "disk", items, targets, layers)
+        if by_tier.get("remote"):
+            idx = by_tier["remote"]
+            frames = self.remote.get_many([plan.keys[i] for i in idx])
+            good |= self._decode(plan, "remote", [(i, f) for i, f in zip(idx, frames) if f is not None],
+                                 targets, layers)
+        return good
+
+    def _decode(self, plan: LoadPlan, tier: str, items: list[tuple[int, Any]],
+                targets: dict[int, Loc | torch.Tensor], layers: range | None) -> set[int]:
+        if not items:
+            return set()
+        L = self.layout.num_layers
+        spans = [layers] if layers is not None else None
+        if spans is None:
+            parts = max(1, min(L, -(-self._threads // len(items))))
+            spans = [range(L * p // parts, L * (p + 1) // parts) for p in range(parts)]
+        tasks = [(i, f, r) for i, f in items for r in spans]
+        errors: dict[int, BaseException] = {}
+
+        def one(task: tuple[int, Any, range]) -> None:
+            i, frame, r = task
+            out = self.target_tensor(targets[i])
+            if layers is not None and frame_segments(frame) == 1:
+                if r.start == 0:  # a small block is one segment: decoded whole with layer 0
+                    self.codec.decode_into(frame, as_bytes(out), key=plan.keys[i])
+                return
+            full = r.start == 0 and r.stop == L
+            self.codec.decode_into(frame, as_bytes(out), None if full else r, key=plan.keys[i])
+
+        if len(tasks) == 1:
+            try:
+                one(tasks[0])
+            except Exception as e:
+                errors[tasks[0][0]] = e
+        else:
+            futs = {self._io.submit(one, t): t[0] for t in tasks}
+            try:
+                cf.wait(futs)
+            finally:
+                for f in futs:
+                    f.cancel()
+                cf.wait(futs)  # even when interrupted: nothing may write into a slot after we return
+            for f, i in futs.items():
+                if f.cancelled():
+                    errors.setdefault(i, RuntimeError("decode cancelled"))
+                elif f.exception() is not None:
+                    errors.setdefault(i, f.exception())
+        for i, e in errors.items():
+            if isinstance(e, CorruptFrame):
+                self._on_corrupt(tier, plan.keys[i], e)
+            else:
+                self.recorder.error(tier, "load")
+                self._log.warning(f"decode-{tier}", "tiercache: reading a %s block failed (%r); treated as a miss",
+                                  tier, e)
+        return {i for i, _ in items if i not in errors}
+
+    # -- gather and promote --------------------------------------------------------------
+    def effective_src(self, plan: LoadPlan, i: int, targets: dict[int, Loc | torch.Tensor]) -> Loc | torch.Tensor:
+        return targets[i] if i in targets else plan.srcs[i]
+
+    def gather(self, plan: LoadPlan, n: int, out6: torch.Tensor, targets: dict, layer: int | None = None) -> None:
+        """out6 ([L, planes, n, B, H, D], or one layer's [planes, n, B, H, D]) <- blocks 0..n-1."""
+        groups: dict[str, tuple[list[int], list[int]]] = {}
+        loose: list[tuple[int, torch.Tensor]] = []
+        for i in range(n):
+            src = self.effective_src(plan, i, targets)
+            if isinstance(src, torch.Tensor) or src[0] == "stage":
+                loose.append((i, self.target_tensor(src) if isinstance(src, torch.Tensor) else self.tensor(src)))
+            else:
+                pos, slots = groups.setdefault(src[0], ([], []))
+                pos.append(i)
+                slots.append(src[1])
+        dim = 2 if layer is None else 1
+        for medium, (pos, slots) in groups.items():
+            slab = self.slabs[medium]
+            if len(pos) == n:
+                slab.gather(slots, out6, layer)
+            else:
+                tmp = torch.empty_like(out6.narrow(dim, 0, len(pos)), device=slab.device)
+                slab.gather(slots, tmp, layer)
+                out6.index_copy_(dim, torch.tensor(pos, device=out6.device), tmp.to(out6.device))
+        for i, t in loose:
+            src = t if layer is None else t[layer]
+            out6.select(dim, i).copy_(src)
+
+    def promote(self, plan: LoadPlan, good: set[int], targets: dict) -> set[int]:
+        """Copy blocks into the memory slots reserved for them; the set whose every slot was filled."""
+        done: set[int] = set()
+        per_slab: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+        blocks = []
+        for i, dsts in plan.promote.items():
+            if i not in good:
+                continue
+            src = self.effective_src(plan, i, targets)
+            for loc in dsts:
+                if loc == src:
+                    continue  # decoded straight into it
+                slots, srcs = per_slab.setdefault(loc[0], ([], []))
+                slots.append(loc[1])
+                srcs.append(self.target_tensor(src) if isinstance(src, torch.Tensor) else self.tensor(src))
+            blocks.append(i)
+        for medium, (slots, srcs) in per_slab.items():
+            self.slabs[medium].scatter(slots, torch.stack(srcs).permute(1, 2, 0, 3, 4, 5))
+        done.update(blocks)
+        return done

@@ -1,0 +1,96 @@
+"""Memory media: a preallocated slab of block slots, and staging buffers. Bytes only, no decisions.
+
+A slab is one tensor [num_slots, L, planes, block_size, H, D]; slot s is one
+contiguous canonical block. The decision layer hands out slot ids; this module
+moves bytes for a whole plan at once: one index_select / index_copy_ per
+medium and plan, never one copy per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import KVLayout
+
+
+def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, object]:
+    """A host tensor, pinned once at its exact size when asked (and CUDA is there)."""
+    if pin and torch.cuda.is_available():
+        try:
+            from ..pinned import HostBuffer
+        except ImportError:  # pragma: no cover - the pinned allocator ships with tiercache
+            return torch.empty(shape, dtype=dtype, pin_memory=True), None
+        buf = HostBuffer((shape, dtype), pin=True)
+        return buf.tensor, buf
+    t = torch.empty(shape, dtype=dtype)
+    t.view(-1).view(torch.uint8)[::4096].zero_()  # fault the pages in now, not on the first store
+    return t, None
+
+
+class MemorySlab:
+    def __init__(self, name: str, layout: KVLayout, num_slots: int, device: torch.device, pin: bool = False) -> None:
+        self.name = name
+        self.layout = layout
+        self.num_slots = num_slots
+        self.device = device
+        shape = (num_slots, *layout.block_shape)
+        if device.type == "cpu":
+            self.tensor, self._owner = _host_tensor(shape, layout.dtype, pin)
+        else:
+            self.tensor, self._owner = torch.empty(shape, dtype=layout.dtype, device=device), None
+        # [L, planes, slots, B, H, D]: the token axis of a prefix is (slot, B) in this view
+        self._by_layer = self.tensor.permute(1, 2, 0, 3, 4, 5)
+
+    @property
+    def pinned(self) -> bool:
+        return self.device.type == "cpu" and self.tensor.is_pinned()
+
+    def view(self, slot: int) -> torch.Tensor:
+        return self.tensor[slot]
+
+    def gather(self, slots: list[int], out6: torch.Tensor, layer: int | None = None) -> None:
+        """out6[..., j, :, :, :] = block slots[j]; out6 is [L, planes, n, B, H, D] (or one layer's)."""
+        src = self._by_layer if layer is None else self._by_layer[layer]
+        dim = 2 if layer is None else 1
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if out6.device == self.device and out6.is_contiguous():
+            torch.index_select(src, dim, idx, out=out6)
+        else:
+            out6.copy_(torch.index_select(src, dim, idx), non_blocking=True)
+
+    def scatter(self, slots: list[int], blocks6: torch.Tensor) -> None:
+        """block slots[j] = blocks6[:, :, j]; blocks6 is [L, planes, n, B, H, D]."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if blocks6.device != self.device:
+            blocks6 = blocks6.to(self.device, non_blocking=True)
+        self._by_layer.index_copy_(2, idx, blocks6)
+
+    def close(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.close()
+
+
+class StagingArea:
+    """Host buffers for blocks on their way to a slow tier, by staging id (ids come from the core)."""
+
+    def __init__(self, layout: KVLayout, keep: int = 64) -> None:
+        self.layout = layout
+        self._bufs: dict[int, torch.Tensor] = {}
+        self._spare: list[torch.Tensor] = []
+        self._keep = keep
+
+    def get(self, sid: int) -> torch.Tensor:
+        buf = self._bufs.get(sid)
+        if buf is None:
+            buf = self._spare.pop() if self._spare else torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
+            self._bufs[sid] = buf
+        return buf
+
+    def release(self, sid: int) -> None:
+        buf = self._bufs.pop(sid, None)
+        if buf is not None and len(self._spare) < self._keep:
+            self._spare.append(buf)
+
+    def __len__(self) -> int:
+        return len(self._bufs)
