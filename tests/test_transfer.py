@@ -145,14 +145,18 @@ def test_bad_direction_and_closed_engine():
         eng.submit(lambda: None, "up")
     gate, log = threading.Event(), []
     queued = [eng.submit(lambda i=i: log.append(i), "h2h") for i in range(5)]
-    eng.close()                                  # finishes queued work
-    assert all(j.done() for j in queued) and sorted(log) == list(range(5))
+    first = eng.submit(gated(gate, log, "first"), "h2h")
+    held = eng.submit(lambda: log.append("held"), "h2h", after=first)  # not queued until `first` is done
+    threading.Timer(0, gate.set).start()
+    eng.close()                                  # finishes queued work, and the work that waited for it
+    assert all(j.done() for j in queued) and len(log) == 7 and set(log) == {0, 1, 2, 3, 4, "first", "held"}
+    assert log.index("first") < log.index("held")
+    assert held.ok
     eng.close()
     with pytest.raises(RuntimeError, match="closed"):
         eng.submit(lambda: None, "h2h")
     with pytest.raises(TypeError, match="after must be"):
-        TransferEngine(torch.device("cpu"))._events_to_wait(object())
-    del gate
+        eng._events_to_wait(object())
 
 
 def test_gather_and_scatter_rows_match_a_loop():

@@ -173,7 +173,8 @@ class _Workers:
     def submit(self, fn: Callable[[], object], priority: bool = False, fut: Future | None = None) -> Future:
         fut = fut if fut is not None else Future()
         with self._cv:
-            if self._closed:
+            # while closing, a worker may still queue the job that waited for the one it just finished
+            if self._closed and threading.current_thread() not in self._threads:
                 raise RuntimeError("the transfer engine is closed")
             heapq.heappush(self._heap, (0 if priority else 1, next(self._seq), fn, fut))
             self._cv.notify()
