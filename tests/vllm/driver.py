@@ -5,7 +5,9 @@
 SPEC: {"model": dir, "extra": {...} | null (no connector), "multiprocess": bool,
        "llm": {LLM kwargs}, "phases": [{"prompts": [[ids]], "salts": [str|null] | null,
        "max_tokens": int, "reset_prefix_cache": bool}]}
-OUT:  {"phases": [{"outputs": [[ids]], "finish": [reason]}], "metrics": {name: value}}
+       "flush": bool (in-process: wait for the connector's saves after the phase)
+OUT:  {"phases": [{"outputs": [[ids]], "finish": [reason], "metrics": {name: value}}],
+       "connector": {counter: value} (in-process runs with the connector)}
 
 A fresh process per engine: vLLM keeps process-wide state, and the tests need a cold vLLM
 prefix cache in a second process over the same tiercache store.
@@ -21,6 +23,23 @@ import sys
 def kv_transfer_config(extra: dict) -> dict:
     return {"kv_connector": "TierCacheConnector", "kv_connector_module_path": "tiercache.integrations.vllm",
             "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+def metrics(llm) -> dict:
+    """Counters and gauges by name, labels other than model and engine appended as JSON."""
+    out: dict = {}
+    for m in llm.get_metrics():
+        value = getattr(m, "value", None)
+        if isinstance(value, (int, float)):
+            labels = {k: v for k, v in (m.labels or {}).items() if k not in ("model_name", "engine")}
+            key = m.name + (json.dumps(labels, sort_keys=True) if labels else "")
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def _connector():
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    return get_kv_transfer_group()
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -44,17 +63,13 @@ def main(spec_path: str, out_path: str) -> None:
                    for p, s in zip(phase["prompts"], salts)]
         params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
+        if phase.get("flush"):
+            _connector().worker.flush()  # in-process only: the saves reach the disk before the next phase
         result["phases"].append({"outputs": [list(o.outputs[0].token_ids) for o in outs],
-                                 "finish": [o.outputs[0].finish_reason for o in outs]})
-    metrics: dict = {}
-    for m in llm.get_metrics():
-        value = getattr(m, "value", None)
-        if isinstance(value, (int, float)):
-            key = m.name + ("" if not m.labels else json.dumps({k: v for k, v in m.labels.items()
-                                                              if k not in ("model_name", "engine")},
-                                                             sort_keys=True))
-            metrics[key] = metrics.get(key, 0) + value
-    result["metrics"] = metrics
+                                 "finish": [o.outputs[0].finish_reason for o in outs],
+                                 "metrics": metrics(llm)})
+    if spec.get("extra") is not None and not spec.get("multiprocess"):
+        result["connector"] = dict(_connector().worker.counters)
     with open(out_path, "w") as f:
         json.dump(result, f)
     del llm
