@@ -266,7 +266,7 @@ class FakeCuda:
                 return True
 
             def synchronize(e):
-                pass
+                fake.log.append(("sync", e.stream, e))
 
             def elapsed_time(e, other):
                 return 1.5
@@ -390,3 +390,17 @@ def test_host_buffer_registers_exactly_its_bytes_and_unregisters_once(monkeypatc
     buf.close()
     assert calls == [("register", ptr, 6000, 0), ("unregister", ptr)] and buf.tensor is None
     assert not HostBuffer(64, pin=False).pinned and len(calls) == 2
+
+
+def test_cuda_and_host_jobs_order_after_each_other(fake_cuda):
+    fake, eng = fake_cuda
+    d2h = eng.submit(lambda: None, "d2h")                                  # e.g. device -> pinned staging
+    seen = []
+    host = eng.submit(lambda: seen.append(list(fake.log)), "h2h", after=d2h)  # staging -> slab, on a thread
+    host.wait()
+    assert ("sync", eng.stream("d2h"), d2h._event) in seen[0]             # the thread waited for the copy's event
+    gate, log = threading.Event(), []
+    fill = eng.submit(gated(gate, log, "filled"), "h2h")                   # host work filling a buffer
+    threading.Timer(0, gate.set).start()
+    h2d = eng.submit(lambda: log.append("enqueued"), "h2d", after=fill)    # must not enqueue before it
+    assert log == ["filled", "enqueued"] and h2d.ok

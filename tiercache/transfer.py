@@ -15,6 +15,9 @@ CUDA contract:
   is not the caller's.
 - Ordering out: `job.wait_stream(s)` makes stream s wait for the job's end event; compute never reads
   a block before its copy has finished. `job.wait()` blocks the host instead.
+- Between jobs: `after=job` orders on the device for two CUDA jobs; host ("h2h") work after a CUDA job
+  synchronizes that job's end event on its worker thread; a CUDA job after host work is enqueued once
+  that work is done (the submitter waits). A job after a failed one fails without running.
 - Lifetime: CUDA tensors passed as `tensors=` are `record_stream`-ed on the job's stream, so the
   caching allocator does not reuse them while the job runs; every tensor in `tensors=` (pinned host
   memory included) is also referenced by the job until it is seen done.
@@ -264,7 +267,7 @@ class TransferEngine:
         # Ordering in: the submitter's own work is already done; jobs in `after` must finish first.
         deps = [a for a in (after if isinstance(after, (list, tuple)) else [after]) if isinstance(a, Job)]
         job = Job(job_id, direction, nbytes, keep=tensors)
-        run = job._timed(_after_deps(fn, deps))
+        run = job._timed(_after_deps(fn, deps, host=True))
         if inline:
             for d in deps:
                 _quiet_wait(d)
@@ -299,7 +302,10 @@ class TransferEngine:
     def _submit_cuda(self, job_id: int, fn, direction: str, priority: bool, nbytes: int,
                      tensors: list[torch.Tensor], after) -> Job:
         deps = [a for a in (after if isinstance(after, (list, tuple)) else [after]) if isinstance(a, Job)]
-        fn = _after_deps(fn, deps)  # a dependency that failed to enqueue fails this job too
+        for d in deps:
+            if d._event is None:
+                _quiet_wait(d)  # host work (a thread job) this job reads: the stream cannot wait for it
+        fn = _after_deps(fn, deps, host=False)  # a dependency that failed fails this job too
         stream = self.stream(direction, priority)
         for ev in self._events_to_wait(after):
             stream.wait_event(ev)  # never read a block before the compute that wrote it
@@ -386,9 +392,12 @@ class TransferEngine:
             s.synchronize()
 
 
-def _after_deps(fn: Callable[[], object], deps: list[Job]) -> Callable[[], object]:
+def _after_deps(fn: Callable[[], object], deps: list[Job], host: bool) -> Callable[[], object]:
+    """fn, run only if every dependency succeeded; on the host (`host=True`) also after their CUDA work."""
     def run() -> object:
         for d in deps:
+            if host and d._event is not None:
+                d._event.synchronize()  # host work after a CUDA job: wait for its end event
             if d.error is not None:
                 raise RuntimeError(f"job {d.id}, which this job follows, failed: {d.error!r}")
         return fn()
