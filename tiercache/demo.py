@@ -293,7 +293,10 @@ def run(args: argparse.Namespace) -> dict:
                 progress.update(len(rows), f"doc {r.document} cold {cold * 1e3:.0f} ms warm {warm * 1e3:.0f} ms "
                                 f"reused {lm.last_reused_tokens}")
             progress.close()
-        stats = cache.stats()  # after close: background disk writes have finished
+            if hasattr(cache, "flush"):
+                cache.flush()  # queued disk writes land, so the disk tier's usage is final
+            in_use = cache.stats()  # gauges (bytes used) while the cache is open
+        stats = cache.stats()  # counters after close: background disk writes have finished
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -319,7 +322,7 @@ def run(args: argparse.Namespace) -> dict:
         "hit_blocks_by_tier": dict(stats["hits"]),
         "loaded_bytes_by_tier": dict(stats["loaded_bytes"]),
         "stored_bytes_by_tier": dict(stats["stored_bytes"]),
-        "used_bytes_by_tier": dict(stats["used_bytes"]),
+        "used_bytes_by_tier": dict(in_use["used_bytes"]),
         "capacity_bytes_by_tier": dict(stats["capacity_bytes"]),
         "disk_compression_ratio": stats["disk_compression_ratio"],
         "kv_wait_s": sum(r["kv_wait_s"] for r in rows),
