@@ -38,18 +38,16 @@ class Section:
 SECTIONS: list[Section] = []
 
 
-def estimate_seconds(cfg: BenchConfig) -> float:
-    """Rough wall time of a run, scaled from a quick run measured on a 2-core CPU-only VM (see benchmarks/README.md).
-
-    Per part, at the quick configuration: tier rounds 70 s (linear in chunks x layers x rounds),
-    footprint 15 s, end to end 60 s (quick) / 300 s (full) / 10 s (tiny), scale 30 s (10^5 blocks).
-    """
-    work = cfg.chunks * cfg.num_layers / (8 * 32)
-    tiers = 70 * work * (cfg.rounds + cfg.warmup) / 7
-    footprint = 15 * cfg.footprint_chunks * cfg.num_layers / (8 * 32)
-    e2e = {"off": 0, "tiny": 10, "quick": 60, "full": 300}[cfg.e2e]
-    scale = 30 * sum(cfg.scale_sizes) / 111_000 if cfg.scale_sizes else 0
-    return tiers + footprint + e2e + scale + (120 if cfg.peers else 0)
+def duration_note(cfg: BenchConfig) -> str:
+    """How long the run takes, from runs measured on this project's 2-core CPU-only VM (benchmarks/README.md)."""
+    if cfg == QUICK:
+        known = "about 3 minutes"
+    elif cfg == replace(FULL, peers=True):
+        known = "about 11 minutes"
+    else:
+        known = "a few minutes (the quick run took about 3, --full --peers about 11)"
+    return (f"[bench] this run takes {known} on a 2-core CPU-only VM and keeps its CPUs busy; each round "
+            "logs the time left")
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, command: str = "tiercache bench") -> dict:
@@ -152,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(p_error, file=sys.stderr)
         return 2
     if not a.quiet:
-        minutes = estimate_seconds(cfg) / 60
-        print(f"[bench] this run takes about {minutes:.0f} minute{'s' if round(minutes) != 1 else ''} on a 2-core "
-              "CPU-only VM (less on a bigger machine); it keeps the CPU busy. Cold reads evict only the bench's own "
-              "files" + (" and drop the whole page cache (--drop-caches)" if cfg.drop_caches else "") + ".",
+        print(duration_note(cfg) + ". Cold reads evict only the bench's own files"
+              + (" and drop the whole page cache (--drop-caches)" if cfg.drop_caches else "") + ".",
               file=sys.stderr, flush=True)
     result = run(cfg, log, command=" ".join(["tiercache bench", *argv]))
     md = render_markdown(result)

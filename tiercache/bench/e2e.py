@@ -36,7 +36,7 @@ import torch
 from ..config import CacheConfig
 from .protocol import BenchConfig, drop_from_page_cache, resident_fraction, summary
 
-VLLM_ROW = "not available: no vLLM connector"
+VLLM_ROW = "not measured by tiercache bench: the vLLM connector runs in its own venv (tests/vllm)"
 TINY = {"layers": 2, "hidden": 128, "documents": 2, "questions": 2, "document_tokens": 160, "system_tokens": 48}
 TIERS = ("host", "disk, page cache dropped", "disk, page cache warm")
 
