@@ -239,3 +239,18 @@ def test_bad_trace_lines_are_named(tmp_path, line):
     path.write_text("[1, 2, 3]\n" + line + "\n")
     with pytest.raises(ValueError, match="line 2"):
         read_trace(str(path))
+
+
+def test_measure_prefill_on_a_config_only_model_directory(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+           "max_position_embeddings": 512, "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    argv = ["--model", str(tmp_path), "--host", "1MiB", "--no-probe", "--measure-prefill", "--prefix", "64", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    rate = plan["prefill"]["tokens_per_s"]
+    assert rate > 0 and "measured" in plan["prefill"]["source"]
+    assert plan["tiers"][0]["recompute_prefix_s"] == pytest.approx(64 / rate)
+    assert plan["model"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x K,V x kv heads x head dim x fp32

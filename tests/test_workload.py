@@ -80,3 +80,21 @@ def test_byte_tokenizer_round_trip_and_specials():
         tok.decode([VOCAB_SIZE])
     with pytest.raises(TypeError, match="text"):
         tok.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_workload_module_writes_a_trace(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "trace.jsonl"
+    p = subprocess.run([sys.executable, "-m", "tiercache.workload", "--out", str(out), "--documents", "2",
+                        "--questions", "2", "--doc-tokens", "64", "--system-tokens", "16"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    w = make_rag_workload(seed=0, num_documents=2, questions_per_document=2, document_tokens=64, system_tokens=16)
+    assert [r["token_ids"] for r in rows] == [list(r.token_ids) for r in w.requests]
+    bad = subprocess.run([sys.executable, "-m", "tiercache.workload", "--out", str(out), "--documents", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "num_documents" in bad.stderr
