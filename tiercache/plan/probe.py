@@ -147,7 +147,10 @@ def measure_prefill(model_path: str, tokens: int, device: str = "cpu", dtype: st
     path = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
-    torch_dtype = getattr(torch, dtype) if dtype else getattr(cfg, "torch_dtype", None) or torch.bfloat16
+    from ..config import parse_dtype
+
+    want = dtype or getattr(cfg, "torch_dtype", None) or torch.bfloat16
+    torch_dtype = want if isinstance(want, torch.dtype) else parse_dtype(str(want), "--dtype")
     if has_weights:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     else:
