@@ -232,9 +232,9 @@ class CacheConfig:
         if not isinstance(self.metrics_addr, str) or not self.metrics_addr:
             raise ValueError(f"metrics_addr: expected an address like '127.0.0.1' or '0.0.0.0', "
                              f"got {self.metrics_addr!r}")
-        if self.device.type != "cpu" and self.device_bytes and not torch.cuda.is_available() \
-                and self.device.type == "cuda":
-            raise ValueError(f"device: {self.device} requested but CUDA is not available")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device} requested but CUDA is not available "
+                             f"(torch {torch.__version__}); use device='cpu'")
 
     @property
     def disk_enabled(self) -> bool:

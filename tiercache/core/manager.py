@@ -285,7 +285,8 @@ class BlockManager:
                 st = self._stage.get(k)
                 staged = st is not None  # already on its way down (or being spilled there)
                 on_disk = self.disk is not None and self.disk.known(k)
-                plan.present[i] = (staged and st.ready) or on_disk
+                on_remote = self.remote is not None and self.remote.known(k)
+                plan.present[i] = (staged and st.ready) or on_disk or on_remote
                 dsts = []
                 for t in targets:
                     slot = self._reserve(t, k, plan.spills, tag)
@@ -296,7 +297,7 @@ class BlockManager:
                     if self.disk is not None and not on_disk and (self.policy.disk_on_store or not dsts) \
                             and self.admission.admit(k):
                         dests.append("disk")
-                    if self.remote is not None and not self.remote.known(k):
+                    if self.remote is not None and not on_remote:
                         dests.append("remote")
                 if dests and not any(t == "host" for t, _ in dsts):
                     sid = self._stage_alloc()
