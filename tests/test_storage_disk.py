@@ -429,3 +429,40 @@ def test_copy_of_a_store_keeps_working(tmp_path):
     disk, _ = open_disk(tmp_path / "b")
     assert all(read_ok(disk, i) for i in range(5))
     disk.close()
+
+
+def test_rwlock_a_waiting_resize_neither_starves_nor_deadlocks_readers():
+    import threading
+
+    from tiercache.tiers.lmdb_env import RWLock
+    lock = RWLock()
+    lock.acquire_read()                                     # this thread reads...
+    got = threading.Event()
+    resized = threading.Event()
+
+    def resize():
+        with lock.exclusive():
+            resized.set()
+    w = threading.Thread(target=resize)
+    w.start()
+    while not lock._waiting:                                # ...a resize waits for it...
+        pass
+
+    def nested_reader():                                    # ...and this read runs on another thread meanwhile
+        lock.acquire_read()
+        got.set()
+        lock.release_read()
+    r = threading.Thread(target=nested_reader)
+    r.start()
+    assert got.wait(10), "a reader deadlocked behind a waiting resize"
+    assert not resized.is_set()                             # never while a read is open
+    lock.release_read()
+    assert resized.wait(10)
+    w.join()
+    r.join()
+    with pytest.raises(RuntimeError):                       # a reader cannot take the exclusive lock
+        lock.acquire_read()
+        try:
+            lock.acquire_exclusive()
+        finally:
+            lock.release_read()

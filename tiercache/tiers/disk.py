@@ -456,14 +456,14 @@ class DiskTier:
                     self._count("store_map_full")
                 self._reader_check(shared)
                 try:
-                    evicted += self._shrink(shared.env, items, isinstance(e, lmdb.MapFullError))
+                    evicted += self._shrink(shared.env, items)
                 except lmdb.Error as e2:
                     self._fault("store", e2)
                     return None
                 deletes, touched = [], {}
         return None
 
-    def _shrink(self, env: lmdb.Environment, items: list, map_full: bool) -> list[BlockKey]:
+    def _shrink(self, env: lmdb.Environment, items: list) -> list[BlockKey]:
         """After a full map or filesystem: lower the budget, evict down to it, let LMDB reclaim the pages.
 
         The budget creeps back up while writes succeed (see `_write_with_retries`).

@@ -37,7 +37,12 @@ DIR_MODE = 0o700
 
 
 class RWLock:
-    """Many readers or one exclusive holder; reentrant for readers of one thread; writers go first."""
+    """Many readers or one exclusive holder; reentrant for readers of one thread.
+
+    A waiting exclusive holder (a map resize: rare) holds new readers back for at most 50 ms, so
+    it is not starved by a stream of reads, and a reader that waits on work which itself reads
+    cannot deadlock behind it; readers wait without limit only while the exclusive lock is held.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -55,7 +60,9 @@ class RWLock:
             self._local.d = d + 1
             return
         with self._cond:
-            while self._exclusive or self._waiting:
+            if self._waiting and not self._exclusive:
+                self._cond.wait_for(lambda: self._exclusive or not self._waiting, 0.05)
+            while self._exclusive:
                 self._cond.wait()
             self._readers += 1
         self._local.d = 1
@@ -81,8 +88,9 @@ class RWLock:
             finally:
                 self._waiting -= 1
                 if not self._waiting:
-                    self._cond.notify_all()  # readers held back by this waiter may go
+                    self._cond.notify_all()
             self._exclusive = True
+            self._cond.notify_all()
         return True
 
     def release_exclusive(self) -> None:
