@@ -203,6 +203,8 @@ def test_bad_input_raises_naming_the_field(tmp_path):
             lm.generate(prompt(1, 20), attention_mask=torch.zeros(1, 20, dtype=torch.long))
         with pytest.raises(ValueError, match="past_key_values"):
             lm.generate(prompt(1, 20), past_key_values=object())
+        with pytest.raises(ValueError, match="cache: not supported"):
+            lm.generate(prompt(1, 20), cache=object())
         with pytest.raises(ValueError, match="use_cache"):
             lm.generate(prompt(1, 20), use_cache=False)
     with tier_cache(make_model("qwen2"), tmp_path, disk=False) as other:
@@ -278,9 +280,3 @@ def test_generate_emits_no_deprecation_warning(tmp_path, layerwise):
     expected = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
     assert hf.CACHE_KWARG == expected
 
-
-def test_batch_of_two_prompts_is_refused(tmp_path):
-    model = make_model("llama")
-    with tier_cache(model, tmp_path) as cache:
-        with pytest.raises(ValueError, match="input_ids: batch size 1 required"):
-            TierCachedLM(model, cache).generate(torch.cat([prompt(1, 20), prompt(2, 20)]))
