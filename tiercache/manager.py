@@ -66,6 +66,9 @@ class TierCache:
         if cfg.disk_enabled:
             from .tiers.disk import DiskTier
             self.disk = _open_disk(DiskTier, cfg, layout, self._log, self.recorder)
+            over = self.disk.used()[0] - self.disk.capacity_bytes if self.disk is not None else 0
+            if over > 0 and not getattr(self.disk, "readonly", False):  # reopened with a smaller disk_bytes
+                self.recorder.evicted("disk", len(self.disk.evict_bytes(over)))
         if cfg.remote_url:
             from .tiers.remote import RemoteTier
             self.remote = _open_remote(RemoteTier, cfg, self._log, self.recorder)
@@ -169,7 +172,7 @@ class TierCache:
         ok = [False] * len(keys)
         jobs: list[WriteJob] = []
         try:
-            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
             self.mover.write_blocks(plan, kv6)
             ok = [True] * len(keys)
         finally:
@@ -232,7 +235,7 @@ class TierCache:
         jobs: list[WriteJob] = []
         n = 0
         try:
-            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
             targets = self.mover.fetch_targets(plan)
             good = set(range(len(plan))) - set(targets)
             good |= self.mover.fetch(plan, targets, disk_get=get)
@@ -313,7 +316,7 @@ class TierCache:
         ok = [False] * len(plan)
         jobs: list[WriteJob] = []
         try:
-            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
             targets = self.mover.fetch_targets(plan)
             good = (set(range(len(plan))) - set(targets)) | self.mover.fetch(plan, targets, disk_get=get)
             promoted = self.mover.promote(plan, good, targets)
@@ -351,15 +354,18 @@ class TierCache:
         ok = [False] * len(plan)
         jobs: list[WriteJob] = []
         try:
-            jobs += self.mover.run_spills(plan.spills, self.core.complete_spill)
+            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
             targets = self.mover.fetch_targets(plan)
             n = len(plan)
             out6 = ll.out.unflatten(2, (n, self._B)) if n else None
+            pending, whole = dict(targets), set()
             for i in range(ll.num_layers):
-                if targets:
-                    got = self.mover.fetch(plan, targets, range(i, i + 1))
-                    if len(got) < len(targets):
-                        raise KVUnavailable(f"layer {i}: {len(targets) - len(got)} blocks could not be read")
+                if pending:
+                    got = self.mover.fetch(plan, pending, range(i, i + 1), whole=whole)
+                    if len(got) < len(pending):
+                        raise KVUnavailable(f"layer {i}: {len(pending) - len(got)} blocks could not be read")
+                    for j in whole:  # one-segment blocks arrived whole with their first layer
+                        pending.pop(j, None)
                 if n:
                     self.mover.gather(plan, n, out6[i], targets, layer=i)
                 ll.layer_ready(i)
@@ -415,7 +421,7 @@ class TierCache:
 
     def _write_back_all(self) -> None:
         jobs, spills = self.core.prepare_write_back()
-        jobs += self.mover.run_spills(spills, self.core.finish_write_back_spill)
+        self.mover.run_spills(spills, self.core.finish_write_back_spill, jobs)
         for j in jobs:
             if not self._writer.offer(j, block=True):
                 self.core.complete_write(j, {d: False for d in j.dests})

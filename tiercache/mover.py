@@ -73,9 +73,11 @@ class Mover:
                 kv6.index_select(2, torch.tensor(pos, device=kv6.device))
             self.slabs[medium].scatter(slots, src)
 
-    def run_spills(self, spills: list[Spill], complete: Callable[[Spill, bool], Any]) -> list:
-        """Copy each victim to its new home, in order (deeper spills come first); report each."""
-        jobs = []
+    def run_spills(self, spills: list[Spill], complete: Callable[[Spill, bool], Any], jobs: list) -> None:
+        """Copy each victim to its new home, in order (deeper spills come first); report each.
+
+        Write jobs the reports produce go into `jobs` as they come, so that they survive an
+        exception (a KeyboardInterrupt) raised by a later spill."""
         for s in spills:
             ok = False
             try:
@@ -87,7 +89,6 @@ class Mover:
             job = complete(s, ok)
             if job is not None:
                 jobs.append(job)
-        return jobs
 
     # -- slow blocks ---------------------------------------------------------------------
     def fetch_targets(self, plan: LoadPlan) -> dict[int, Loc | torch.Tensor]:
@@ -111,7 +112,7 @@ class Mover:
         return t if isinstance(t, torch.Tensor) else self.tensor(t)
 
     def fetch(self, plan: LoadPlan, targets: dict[int, Loc | torch.Tensor], layers: range | None = None,
-              disk_get: Callable[[Any], Any] | None = None) -> set[int]:
+              disk_get: Callable[[Any], Any] | None = None, whole: set[int] | None = None) -> set[int]:
         """Read and decode the slow blocks of `plan` (all layers, or `layers`); the set decoded and verified.
 
         `disk_get`: a read snapshot's get, opened by the caller when it planned the load."""
@@ -127,16 +128,17 @@ class Mover:
                     f = get(plan.keys[i])
                     if f is not None:  # gone (another process evicted it): a miss
                         items.append((i, f))
-                good |= self._decode(plan, "disk", items, targets, layers)
+                good |= self._decode(plan, "disk", items, targets, layers, whole)
         if by_tier.get("remote"):
             idx = by_tier["remote"]
             frames = self.remote.get_many([plan.keys[i] for i in idx])
             good |= self._decode(plan, "remote", [(i, f) for i, f in zip(idx, frames) if f is not None],
-                                 targets, layers)
+                                 targets, layers, whole)
         return good
 
     def _decode(self, plan: LoadPlan, tier: str, items: list[tuple[int, Any]],
-                targets: dict[int, Loc | torch.Tensor], layers: range | None) -> set[int]:
+                targets: dict[int, Loc | torch.Tensor], layers: range | None,
+                whole: set[int] | None = None) -> set[int]:
         if not items:
             return set()
         L = self.layout.num_layers
@@ -151,8 +153,10 @@ class Mover:
             i, frame, r = task
             out = self.target_tensor(targets[i])
             if layers is not None and frame_segments(frame) == 1:
-                if r.start == 0:  # a small block is one segment: decoded whole with layer 0
-                    self.codec.decode_into(frame, as_bytes(out), key=plan.keys[i])
+                # a small block is one segment: decoded whole the first time any layer of it is asked for
+                self.codec.decode_into(frame, as_bytes(out), key=plan.keys[i])
+                if whole is not None:
+                    whole.add(i)
                 return
             full = r.start == 0 and r.stop == L
             self.codec.decode_into(frame, as_bytes(out), None if full else r, key=plan.keys[i])

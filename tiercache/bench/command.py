@@ -38,6 +38,16 @@ class Section:
 SECTIONS: list[Section] = []
 
 
+def _core_section(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    from .core import core_rows
+    log("core: cost per block of lookup, store, load and layer-wise load; eviction at scale")
+    return core_rows(quick=cfg.chunks < 32)
+
+
+SECTIONS.append(Section("core", "Core cost per block (32 layers, tiny blocks): us per block next to a memcpy",
+                        _core_section))
+
+
 def duration_note(cfg: BenchConfig) -> str:
     """How long the run takes, from runs measured on this project's 2-core CPU-only VM (benchmarks/README.md)."""
     if cfg == QUICK:
