@@ -88,8 +88,9 @@ def test_corrupted_store_gives_identical_outputs_and_no_errors(run_engine, refer
 
 def test_chunked_prefill_salts_and_preemption(run_engine, reference, tmp_path):
     """float32: three requests share each step here, and bf16 greedy outputs can flip with the batch's shapes."""
-    # 16 blocks of KV for three requests that grow to 6 blocks each force preemption; chunks of 256 tokens.
-    llm = {"num_gpu_blocks_override": 16, "max_model_len": 2048, "max_num_batched_tokens": 256, "max_num_seqs": 4,
+    # 16 usable blocks of KV (one is the null block) for three requests growing to 6 blocks each: preemption.
+    # Chunks of 256 tokens: every prompt is prefilled over several steps.
+    llm = {"num_gpu_blocks_override": 17, "max_model_len": 2048, "max_num_batched_tokens": 256, "max_num_seqs": 4,
            "dtype": "float32"}
     names = [["long"], ["long"], ["long"], ["p0", "p1", "p2"]]
     r = run_engine([phase(["long"], salts=["tenant-a"], flush=True),
