@@ -175,7 +175,8 @@ def disk_bytes_for(blocks: int, tmp_path) -> int:
     return used[0] + (blocks - 1) * per_block + per_block // 2
 
 
-def run_tiercache(trace, tmp_path, device_blocks, host_blocks, disk_blocks, **cfg_kw) -> list[dict[str, int]]:
+def run_tiercache(trace, tmp_path, device_blocks, host_blocks, disk_blocks, load=False,
+                  **cfg_kw) -> list[dict[str, int]]:
     cfg = CacheConfig(layout=LAYOUT, device="cpu", device_bytes=device_blocks * LAYOUT.block_bytes,
                       host_bytes=host_blocks * LAYOUT.block_bytes, disk_path=str(tmp_path / "lmdb"),
                       disk_bytes=disk_bytes_for(disk_blocks, tmp_path), compression="none", **cfg_kw)
@@ -186,7 +187,16 @@ def run_tiercache(trace, tmp_path, device_blocks, host_blocks, disk_blocks, **cf
             by_tier = cache.lookup_by_tier(tokens)
             out.append({t: by_tier.get(t, 0) for t in ("device", "host", "disk")})
             kv = torch.randn(LAYOUT.kv_shape(len(tokens)), generator=g).to(LAYOUT.dtype)
-            cache.store(tokens, kv)
+            n = sum(by_tier.values())
+            if load:  # as TierCachedLM: load the cached prefix, store only if the prompt has new full blocks
+                if n:
+                    assert cache.load(tokens[:n]).shape[2] == n
+                    cache.flush()  # second-hit admission queues disk writes at load; their host slots are
+                    # pinned until written, so the store below would otherwise race the write-behind
+                if len(tokens) // 16 * 16 > n:
+                    cache.store(tokens, kv)
+            else:
+                cache.store(tokens, kv)
             # the replay writes the disk at once; the cache writes it on a background thread: wait for it
             cache.flush()
     return out
@@ -194,15 +204,20 @@ def run_tiercache(trace, tmp_path, device_blocks, host_blocks, disk_blocks, **cf
 
 @pytest.mark.parametrize("eviction", sorted(EVICTION_POLICIES))
 @pytest.mark.parametrize("write_policy", ["write_through", "write_back"])
-def test_replay_matches_tiercache_hit_for_hit(tmp_path, eviction, write_policy):
+@pytest.mark.parametrize("load", [False, True], ids=["lookup+store", "lookup+load+store"])
+@pytest.mark.parametrize("admission", ["all", "second_hit"])
+def test_replay_matches_tiercache_hit_for_hit(tmp_path, eviction, write_policy, load, admission):
+    """The same trace through TierCache (public API; `flush()` after each request, since the replay writes the
+    disk at once) and through the replay: the same hit tokens per tier on every request."""
     trace = small_trace()
     sizes = {"device_blocks": 4, "host_blocks": 12, "disk_blocks": 24}  # prompts are 11-13 blocks
-    sim = TierReplay(16, eviction=eviction, write_policy=write_policy, **sizes)
+    sim = TierReplay(16, eviction=eviction, write_policy=write_policy, admission=admission, load=load, **sizes)
     result = sim.run(trace)
     # the sizes are small enough that every tier evicts: the comparison exercises the policies
     assert all(result.evictions[t] > 0 for t in ("device", "host", "disk")), result.evictions
     assert all(result.hit_tokens[t] > 0 for t in ("device", "host", "disk")), result.hit_tokens
-    actual = run_tiercache(trace, tmp_path, eviction=eviction, write_policy=write_policy, **sizes)
+    actual = run_tiercache(trace, tmp_path, eviction=eviction, write_policy=write_policy, admission=admission,
+                           load=load, **sizes)
     assert result.per_request == actual
     assert result.lookup_tokens == sum(len(t) for t in trace)
 

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eviction", default="lru", help="memory tiers' eviction policy (lru, fifo, s3fifo)")
     r.add_argument("--write-policy", default="write_through", choices=("write_through", "write_back"))
     r.add_argument("--admission", default="all", help="disk admission policy (all, second_hit)")
+    r.add_argument("--no-load", action="store_true", help="replay lookup + store per request (a client that "
+                   "never loads); default: lookup, load of the cached prefix, store, as TierCachedLM does")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return p
 
@@ -152,10 +154,11 @@ def replay(args: argparse.Namespace, shape: ModelShape, tiers: list[dict]) -> di
     blocks = {r["tier"]: r["blocks"] for r in tiers}
     sim = TierReplay(args.block_size, device_blocks=blocks.get("device", 0), host_blocks=blocks.get("host", 0),
                      disk_blocks=blocks.get("disk", 0), eviction=args.eviction, write_policy=args.write_policy,
-                     admission=args.admission)
+                     admission=args.admission, load=not args.no_load)
     result = sim.run(trace)
     return {"trace": args.trace, "eviction": args.eviction, "write_policy": args.write_policy,
-            "admission": args.admission, "blocks": blocks, **result.to_dict(),
+            "admission": args.admission, "calls": "lookup+store" if args.no_load else "lookup+load+store",
+            "blocks": blocks, **result.to_dict(),
             "unbounded_hit_rate": unbounded_hit_rate(trace, args.block_size)}
 
 
@@ -217,7 +220,8 @@ def render(plan: dict) -> str:
     rp = plan.get("replay")
     if rp:
         lines += ["", f"trace replay: {rp['trace']}, {rp['requests']} requests, {rp['lookup_tokens']:,} prompt "
-                      f"tokens; eviction {rp['eviction']}, {rp['write_policy']}, admission {rp['admission']}",
+                      f"tokens; {rp['calls']} per request; eviction {rp['eviction']}, {rp['write_policy']}, "
+                      f"admission {rp['admission']}",
                   f"{'tier':<7} {'blocks':>10} {'hit tokens':>12} {'hit rate':>9}"]
         for t in TIERS:
             if t in rp["blocks"]:

@@ -3,7 +3,9 @@
 Each tier is a number of block slots and an eviction policy from `tiercache.policy`
 (the same classes a TierCache's pools use; the disk tier's LMDB access index is LRU).
 Per request, in the order of the trace, the replay does what a serving loop does
-with the public API (`lookup_by_tier`, then `store` of the prompt):
+with the public API: `lookup`, `load` of the cached prefix and `store` of the prompt
+if it has full blocks beyond that prefix (what `TierCachedLM` does), or with
+`load=False` only `lookup` and `store`:
 
 1. lookup: walk the prompt's full blocks from the first; each is served by the
    fastest tier holding it, and the walk stops at the first block no tier holds.
@@ -17,14 +19,21 @@ with the public API (`lookup_by_tier`, then `store` of the prompt):
    there under write-through (if admitted); under write-back only if no memory tier
    took it. Disk writes happen after the call's decisions, in order (the write-behind
    does them after `store` returns), and evict least recently written blocks
-   (`store` never refreshes a disk block).
+   (neither `store` nor `load` refreshes a disk block).
+3. load: each block of the cached prefix is promoted into the memory tiers above the
+   tier serving it (slots as in a store, but the blocks being read are pinned, so never
+   victims; write-back victims move down), then every
+   loaded block is touched in each memory tier holding it; under second-hit admission
+   a loaded block held in host memory but not on disk is offered to the disk.
 
 Hit rate = hit tokens / prompt tokens looked up, per tier and in total. `unbounded`
 is the same trace with no size limits: the share of tokens any cache could serve.
-Not modelled: prefetch, a device tier fed by `load` promotion, the remote tier,
-asynchronous writes still queued (the replay's disk is written at once: a runtime
-under backpressure can drop writes), and frames of different compressed sizes (the
-disk tier is a number of blocks: its bytes / the estimated bytes of one frame).
+Not modelled: prefetch, the remote tier, asynchronous writes still queued (the
+replay's disk is written at once, as if the write-behind kept up: in a runtime a host
+block waiting to be written is pinned a little longer, and under backpressure writes
+are dropped), and
+frames of different compressed sizes (the disk tier is a number of blocks: its
+bytes / the estimated bytes of one frame).
 """
 
 from __future__ import annotations
@@ -93,7 +102,8 @@ class TierReplay:
     """The tiers of one TierCache configuration, as block counts and policies."""
 
     def __init__(self, block_size: int, *, device_blocks: int = 0, host_blocks: int = 0, disk_blocks: int = 0,
-                 eviction: str = "lru", write_policy: str = "write_through", admission: str = "all") -> None:
+                 eviction: str = "lru", write_policy: str = "write_through", admission: str = "all",
+                 load: bool = True) -> None:
         for name, value in (("block_size", block_size), ("device_blocks", device_blocks),
                             ("host_blocks", host_blocks), ("disk_blocks", disk_blocks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "block_size" else 0):
@@ -102,6 +112,7 @@ class TierReplay:
         if write_policy not in ("write_through", "write_back"):
             raise ValueError(f"write_policy: expected 'write_through' or 'write_back', got {write_policy!r}")
         self.block_size = block_size
+        self.with_load = bool(load)
         self.write_back = write_policy == "write_back"
         self.admission = make_admission_policy(admission)
         sizes = {"device": device_blocks, "host": host_blocks, "disk": disk_blocks}
@@ -109,19 +120,69 @@ class TierReplay:
                       for t, n in sizes.items() if n > 0}
         self.result = ReplayResult()
         self._reserved: dict[str, list[bytes]] = {}
-        self._pending: set[bytes] = set()  # keys given a memory slot in the current store call
+        self._pending: set[bytes] = set()  # keys given a memory slot in the current call
+        self._pinned: dict[str, set[bytes]] = {}  # per tier, the blocks the current load reads from it
         self._disk_queue: dict[bytes, None] = {}  # disk writes decided in the current store call, in order
 
-    # -- the two calls of a request -------------------------------------------------------
-    def lookup(self, keys: list[bytes]) -> dict[str, int]:
-        """Tokens of the cached prefix by serving tier (the fastest holding each block)."""
-        by_tier = {t: 0 for t in TIERS}
+    # -- the calls of a request -----------------------------------------------------------
+    def serving(self, keys: list[bytes]) -> list[str]:
+        """The serving tier of each block of the cached prefix (the fastest holding it)."""
+        out = []
         for k in keys:
             tier = next((t for t in TIERS if t in self.tiers and k in self.tiers[t]), None)
             if tier is None:
                 break
+            out.append(tier)
+        return out
+
+    def lookup(self, keys: list[bytes]) -> dict[str, int]:
+        """Tokens of the cached prefix by serving tier."""
+        by_tier = {t: 0 for t in TIERS}
+        for tier in self.serving(keys):
             by_tier[tier] += self.block_size
         return by_tier
+
+    def load(self, keys: list[bytes]) -> None:
+        """`load` of the cached prefix: each block is promoted into the memory tiers above the one serving
+        it (evicting as a store does), then every loaded block is touched in each memory tier holding it."""
+        mem = [self.tiers[t] for t in MEMORY_TIERS if t in self.tiers]
+        self._reserved = {t.name: [] for t in mem}
+        spilled: list[tuple[str, bytes]] = []
+        promoted: list[tuple[_Tier, bytes]] = []
+        moved_in: set[tuple[str, bytes]] = set()
+        found = self.serving(keys)
+        self._pinned = {t.name: {k for k, src in zip(keys, found) if src == t.name} for t in mem}
+        for k, src in zip(keys, found):
+            for t in mem:
+                if t.name == src:
+                    break
+                if k in t or (t.name, k) in moved_in:
+                    continue
+                if self._take_slot(t, spilled):
+                    promoted.append((t, k))
+                    moved_in.add((t.name, k))
+                    self._reserved[t.name].append(k)
+                    self._pending.add(k)
+                for tier, victim in spilled:
+                    self._spill(tier, victim)
+                spilled.clear()
+        for t in mem:  # write-back victims moved down first, then the promotions, in prefix order
+            for k in self._reserved[t.name]:
+                if (t.name, k) not in moved_in:
+                    t.policy.insert(k)
+        for t, k in promoted:
+            t.policy.insert(k)
+        self._reserved, self._pending, self._pinned = {}, set(), {}
+        host, disk = self.tiers.get("host"), self.tiers.get("disk")
+        for k in keys[:len(found)]:
+            for t in mem:
+                if k in t:
+                    t.policy.touch(k)
+            # second-hit admission: a block read again from the host tier earns its place on disk
+            if self.admission.name != "all" and host is not None and disk is not None and k in host \
+                    and k not in disk and k not in self._disk_queue and self.admission.admit(k):
+                self._disk_queue[k] = None
+        self._flush_disk()
 
     def store(self, keys: list[bytes]) -> None:
         mem = [self.tiers[t] for t in MEMORY_TIERS if t in self.tiers]
@@ -150,19 +211,23 @@ class TierReplay:
             for k in reserved[t.name]:
                 t.policy.insert(k)
         self._reserved, self._pending = {}, set()
-        # the disk is written after the call's decisions, in the order they were made (as the write-behind
-        # does): a block the disk held when the call decided is not written again, even if a write of
-        # this same call evicts it
+        self._flush_disk()
+
+    def _flush_disk(self) -> None:
+        """The disk is written after the call's decisions, in the order they were made (as the write-behind
+        does): a block the disk held when the call decided is not written again, even if a write of this
+        same call evicts it."""
         queued, self._disk_queue = self._disk_queue, {}
         for k in queued:
             self._write_disk(k)
 
     def _take_slot(self, t: _Tier, spilled: list[tuple[str, bytes]]) -> bool:
         """Room for one more block in `t`: a free slot, or its policy's victim (blocks reserved in this
-        call are not in the policy yet, so never victims). False if every slot is this call's."""
+        call are not in the policy yet, and blocks a load is reading are pinned: neither is a victim).
+        False if no block may go."""
         if not t.full(len(self._reserved.get(t.name, ()))):
             return True
-        victims = t.policy.victims(1)
+        victims = t.policy.victims(1, self._pinned.get(t.name, ()))
         if victims is None:
             return False
         t.policy.remove(victims[0])
@@ -206,9 +271,18 @@ class TierReplay:
 
     # -- a whole request / trace ----------------------------------------------------------
     def request(self, tokens: Sequence[int]) -> dict[str, int]:
+        """One request as a server makes it: lookup; with `load`, load the cached prefix and store the
+        prompt only if it has full blocks beyond that prefix (as `TierCachedLM` does); else store it."""
         keys = block_keys(tokens, self.block_size)
         hits = self.lookup(keys)
-        self.store(keys)
+        if self.with_load:
+            n = sum(hits.values()) // self.block_size
+            if n:
+                self.load(keys[:n])
+            if len(keys) > n:
+                self.store(keys)
+        else:
+            self.store(keys)
         r = self.result
         r.requests += 1
         r.lookup_tokens += len(tokens)
