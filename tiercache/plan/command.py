@@ -213,8 +213,8 @@ def render(plan: dict) -> str:
         lines.append("\nrecompute time: give --prefill-rate TOKENS_PER_S (or --measure-prefill with --model)")
     free = plan.get("disk_free")
     if free:
-        verdict = "enough" if free["enough"] else "NOT enough: the filesystem fills before disk_bytes is reached " \
-                                                  "(further writes then fail and are counted as dropped)"
+        verdict = "enough" if free["enough"] else "NOT enough: the filesystem would fill first; the tier then " \
+                                                  "evicts down and holds fewer blocks than planned"
         lines.append(f"disk: {_b(plan['budgets']['disk'])} bound, {_b(free['free_bytes'])} free at "
                      f"{free['checked']}: {verdict}")
     rp = plan.get("replay")
