@@ -77,3 +77,10 @@ def test_plan_is_a_command():
     p = tiercache("plan", "--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--host", "1MiB", "--no-probe")
     assert p.returncode == 0, p.stderr
     assert "host" in p.stdout and "bytes/token" in p.stdout
+
+
+def test_bench_without_transformers_says_so_before_measuring():
+    p = tiercache("bench", "--chunks", "1", "--layers", "1", block="transformers", timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'tiercache[transformers]'" in lines[0] and "--e2e off" in lines[0]

@@ -154,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         if not a.quiet:
             print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
+    if cfg.e2e != "off":
+        try:
+            import transformers  # noqa: F401  (the end-to-end part runs the demo's model)
+        except ModuleNotFoundError:
+            print("tiercache bench: error: the end-to-end part needs transformers, which is not installed; run: "
+                  "pip install 'tiercache[transformers]', or pass --e2e off", file=sys.stderr)
+            return 2
     out = Path(a.out) if a.out else None
     if out is not None and out.parent and not out.parent.is_dir():
         p_error = f"tiercache bench: error: --out: directory {out.parent} does not exist"
