@@ -244,7 +244,11 @@ class DiskTier:
                 self._go_readonly(text)
             return self._count(op)
         self._count(op)
-        if kind == "full":
+        if isinstance(e, lmdb.MapFullError):
+            self.log.warning("disk-map-full", "tiercache: disk tier: the store at disk_path=%s filled its map "
+                             "(disk_bytes=%d) before its charged budget; evicting more to fit (%s)",
+                             self.path, self.capacity_bytes, text)
+        elif kind == "full":
             self.log.warning("disk-full", "tiercache: disk tier: the filesystem of disk_path=%s is full (%s); "
                              "evicting to fit the space there is (lower disk_bytes or free space)", self.path, text)
         else:
@@ -466,14 +470,30 @@ class DiskTier:
     def _shrink(self, env: lmdb.Environment, items: list) -> list[BlockKey]:
         """After a full map or filesystem: lower the budget, evict down to it, let LMDB reclaim the pages.
 
-        The budget creeps back up while writes succeed (see `_write_with_retries`).
+        Deleting needs free pages too (copy-on-write), so a store with none left is evicted in
+        small transactions first. The budget creeps back up while writes succeed.
         """
         need = sum(charged_bytes(len(f)) for _, f, *_ in items)
-        with env.begin(write=True) as txn:
-            used, blocks, seq = self._load_counters(txn)
-            self._budget = min(self._budget, used) * 9 // 10
-            freed, gone = self._evict(txn, used + need - self._budget)
-            self._store_counters(txn, used - freed, blocks - len(gone), seq)
+        gone: list[BlockKey] = []
+        chunk = 256
+        lowered = False
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    used, blocks, seq = self._load_counters(txn)
+                    if not lowered:
+                        self._budget = min(self._budget, used * 9 // 10)
+                        lowered = True
+                    freed, now = self._evict(txn, used + need - self._budget, max_victims=chunk)
+                    self._store_counters(txn, used - freed, blocks - len(now), seq)
+            except lmdb.MapFullError:
+                if chunk == 1:
+                    raise
+                chunk = max(1, chunk // 8)
+                continue
+            gone += now
+            if len(now) < chunk or not now:
+                break
         for _ in range(2):  # pages freed by a transaction are reusable once two more have committed
             with env.begin(write=True) as txn:
                 txn.put(b"tick", b"", db=self._dbs[b"info"])
@@ -593,8 +613,8 @@ class DiskTier:
         txn.delete(_SEQ.pack(seq) + k, db=self._dbs[b"atime"])
         return charged + self._ns_drop(txn, ns)
 
-    def _evict(self, txn: lmdb.Transaction, need: int) -> tuple[int, list[BlockKey]]:
-        """Delete least recently used blocks until `need` bytes are freed."""
+    def _evict(self, txn: lmdb.Transaction, need: int, max_victims: int = 1 << 62) -> tuple[int, list[BlockKey]]:
+        """Delete least recently used blocks until `need` bytes are freed (or `max_victims` are gone)."""
         if need <= 0:
             return 0, []
         meta_db = self._dbs[b"meta"]
@@ -606,7 +626,7 @@ class DiskTier:
                 victims.append(bytes(idx[8:]))
                 meta = txn.get(victims[-1], db=meta_db)
                 freed += _META.unpack(meta)[1] if meta else 0
-                if freed >= need:
+                if freed >= need or len(victims) >= max_victims:
                     break
         freed = 0
         for k in victims:
