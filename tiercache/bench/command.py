@@ -51,13 +51,14 @@ SECTIONS.append(Section("core", "Core cost per block (32 layers, tiny blocks): u
 def duration_note(cfg: BenchConfig) -> str:
     """How long the run takes, from runs measured on this project's 2-core CPU-only VM (benchmarks/README.md)."""
     if cfg == QUICK:
-        known = "about 3 minutes"
+        known = "this configuration took about 3 minutes"
     elif cfg == replace(FULL, peers=True):
-        known = "about 11 minutes"
+        known = "this configuration took about 11 minutes"
     else:
-        known = "a few minutes (the quick run took about 3, --full --peers about 11)"
-    return (f"[bench] this run takes {known} on a 2-core CPU-only VM and keeps its CPUs busy; each round "
-            "logs the time left")
+        known = "the quick run took about 3 minutes, --full --peers about 11,"
+    extra = " (plus the core section, added since)" if SECTIONS else ""
+    return (f"[bench] {known} on a 2-core CPU-only VM{extra}; it keeps the CPUs busy and each round logs "
+            "the time left")
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, command: str = "tiercache bench") -> dict:
