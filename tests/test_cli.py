@@ -84,3 +84,17 @@ def test_bench_without_transformers_says_so_before_measuring():
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'tiercache[transformers]'" in lines[0] and "--e2e off" in lines[0]
+
+
+def test_installed_console_script():
+    """The `tiercache` executable pip installs behaves like the module (skipped where it is not on PATH)."""
+    import os
+    import shutil
+
+    exe = shutil.which("tiercache") or shutil.which("tiercache", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("no tiercache executable on PATH (package not installed)")
+    p = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("usage: tiercache COMMAND")
+    p = subprocess.run([exe, "nope"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
