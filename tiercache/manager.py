@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -133,8 +134,7 @@ class TierCache:
         arr = tokens_to_array(tokens)
         tiers = self.core.lookup(self._hasher.block_keys(arr, self._B, self._namespace(salt)))
         by_tier = {t: 0 for t in self.tiers}
-        for t in tiers:
-            by_tier[t] += 1
+        by_tier.update(Counter(tiers))
         self.recorder.lookup(len(arr), {t: n * self._B for t, n in by_tier.items()}, by_tier)
         return len(tiers) * self._B
 
@@ -271,10 +271,7 @@ class TierCache:
                 raise
 
     def _account_load(self, serving: list[str], seconds: float) -> None:
-        by_tier: dict[str, int] = {}
-        for t in serving:
-            by_tier[t] = by_tier.get(t, 0) + 1
-        for t, n in by_tier.items():
+        for t, n in Counter(serving).items():
             self.recorder.loaded(t, n * self.layout.block_bytes, seconds, n * self._B)
 
     def _corrupt(self, tier: str, key: BlockKey, err: Exception) -> None:

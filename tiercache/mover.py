@@ -196,6 +196,10 @@ class Mover:
         """out6 ([L, planes, n, B, H, D], or one layer's [planes, n, B, H, D]) <- blocks 0..n-1."""
         groups: dict[str, tuple[list[int], list[int]]] = {}
         loose: list[tuple[int, torch.Tensor]] = []
+        first = plan.srcs[0][0] if n else None
+        if not targets and first in self.slabs and all(m == first for m, _ in plan.srcs[:n]):
+            self.slabs[first].gather([s for _, s in plan.srcs[:n]], out6, layer)  # the common case: one slab
+            return
         for i in range(n):
             src = self.effective_src(plan, i, targets)
             if isinstance(src, torch.Tensor) or src[0] == "stage":

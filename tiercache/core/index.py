@@ -76,6 +76,27 @@ class SlotIndex:
         if key in self._ready:
             self.policy.touch(key)
 
+    # batched forms of the above: one call per plan, not per block
+    def pin_many(self, keys: list[Key]) -> None:
+        pins = self._pins
+        for k in keys:
+            pins[k] = pins.get(k, 0) + 1
+
+    def unpin_many(self, keys: list[Key]) -> None:
+        pins = self._pins
+        for k in keys:
+            n = pins[k] - 1
+            if n:
+                pins[k] = n
+            else:
+                del pins[k]
+
+    def touch_many(self, keys: list[Key]) -> None:
+        ready, touch = self._ready, self.policy.touch
+        for k in keys:
+            if k in ready:
+                touch(k)
+
     # -- writes --------------------------------------------------------------------------
     def reserve(self, key: Key) -> tuple[int, list[tuple[Key, int]]] | None:
         """A slot in `writing` state for `key`, evicting one ready block if none is free.

@@ -93,7 +93,21 @@ class BlockManager:
         """(serving tier, location) of each block of the prefix, and the index of the first local miss."""
         out: list[tuple[str, Loc]] = []
         local = self._local
-        for i, k in enumerate(keys):
+        if len(self._order) == 1:  # the common shape (one memory tier): one dict probe per block
+            t = self._order[0]
+            ready = self.mem[t]._ready
+            for k in keys:
+                slot = ready.get(k)
+                if slot is None:
+                    break
+                out.append((t, (t, slot)))
+            else:
+                return out, None
+            start = len(out)
+        else:
+            start = 0
+        for i in range(start, len(keys)):
+            k = keys[i]
             hit = local(k)
             if hit is None:
                 tier = slow.get(i) if slow is not None else None
@@ -194,18 +208,23 @@ class BlockManager:
         """Pin the sources of the cached prefix; reserve memory slots to promote it into."""
         with self._lock:
             found = self._locate(keys)
-            plan = LoadPlan(keys=list(keys[:len(found)]), srcs=[], serving=[])
-            for k, (tier, loc) in zip(plan.keys, found):
-                medium = loc[0]
+            plan = LoadPlan(keys=list(keys[:len(found)]), srcs=[loc for _, loc in found],
+                            serving=[tier for tier, _ in found])
+            by_medium: dict[str, list[Key]] = {}
+            for k, loc in zip(plan.keys, plan.srcs):
+                by_medium.setdefault(loc[0], []).append(k)
+            for medium, ks in by_medium.items():
                 if medium in self.mem:
-                    self.mem[medium].pin(k)
+                    self.mem[medium].pin_many(ks)
                 elif medium == "stage":
-                    self._stage[k].pins += 1
-                plan.srcs.append(loc)
-                plan.serving.append(tier)
-            if promote:
+                    for k in ks:
+                        self._stage[k].pins += 1
+            top = self._order[0] if self._order else None
+            if promote and set(by_medium) != {top}:  # (nothing is above the top tier)
                 for i, k in enumerate(plan.keys):
                     medium = plan.srcs[i][0]
+                    if medium == top:
+                        continue
                     dsts = []
                     for t in self._order:  # only the memory tiers above the source
                         if t == medium:
@@ -226,18 +245,26 @@ class BlockManager:
                 return jobs
             plan.completed = True
             self._finish_spills(plan.spills)
+            by_medium: dict[str, list[Key]] = {}
             for k, loc in zip(plan.keys, plan.srcs):
-                self._unpin_src(k, loc)
+                by_medium.setdefault(loc[0], []).append(k)
+            for medium, ks in by_medium.items():
+                if medium in self.mem:
+                    self.mem[medium].unpin_many(ks)
+                elif medium == "stage":
+                    for k, loc in zip(plan.keys, plan.srcs):
+                        if loc[0] == "stage":
+                            self._unpin_src(k, loc)
             for i, dsts in plan.promote.items():
                 good = i < len(ok) and ok[i]
                 for t, _slot in dsts:
                     (self.mem[t].commit if good else self.mem[t].abort)(plan.keys[i])
-            for i, k in enumerate(plan.keys):
-                if i < len(ok) and ok[i]:
-                    for ix in self.mem.values():
-                        ix.touch(k)
+            served = plan.keys if all(ok) and len(ok) >= len(plan.keys) else \
+                [k for i, k in enumerate(plan.keys) if i < len(ok) and ok[i]]
+            for ix in self.mem.values():
+                ix.touch_many(served)
             if self.disk is not None and self.admission.name != "all":
-                jobs = self._readmit([k for i, k in enumerate(plan.keys) if i < len(ok) and ok[i]])
+                jobs = self._readmit(served)
         return jobs
 
     def _unpin_src(self, key: Key, loc: Loc) -> None:
