@@ -269,3 +269,13 @@ def test_measure_prefill_on_a_config_only_model_directory(tmp_path, capsys):
     assert rate > 0 and "measured" in plan["prefill"]["source"]
     assert plan["tiers"][0]["recompute_prefix_s"] == pytest.approx(64 / rate)
     assert plan["model"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x K,V x kv heads x head dim x fp32
+
+
+def test_measure_prefill_on_an_unavailable_device_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    argv = ["--model", str(tmp_path), "--host", "1GiB", "--no-probe", "--measure-prefill", "--device", "cuda"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda: CUDA is not available" in err[0]

@@ -90,6 +90,11 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
         parser.error("--measure-prefill and --prefill-rate: choose one")
     if args.measure_prefill and not args.model:
         parser.error("--measure-prefill: needs --model (a model directory or its config.json)")
+    if args.measure_prefill:
+        from ..demo import device_problem
+        problem = device_problem(args.device)
+        if problem:
+            raise ValueError(f"--device {args.device}: {problem}")
     shape = model_shape(args, parser)
     budgets = {"device": parse_size(args.gpu_kv, "--gpu-kv"), "host": parse_size(args.host, "--host"),
                "disk": parse_size(args.disk, "--disk")}
