@@ -29,6 +29,7 @@ from .layerwise import KVUnavailable, LayerLoad, PrefetchHandle
 from .mover import Mover
 from .stats import Recorder
 from .tiers.slab import MemorySlab, StagingArea
+from .transfer import TransferEngine
 from .writebehind import EvictionGate, WriteBehind
 
 _MAX_QUEUED_PREFETCHES = 64
@@ -87,6 +88,8 @@ class TierCache:
             remote=RemoteIndex(self.remote.exists_many) if self.remote is not None else None,
             on_stage_free=self.staging.release)
         self._io = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="tiercache-io")
+        # CUDA: copies a worker thread issues go through the engine, ordered after the caller's stream
+        self.engine = TransferEngine(cfg.device, cfg.io_threads) if cfg.device.type == "cuda" else None
         self.mover = Mover(layout, self.slabs, self.staging, disk=self.disk, remote=self.remote, codec=self.codec,
                            io=self._io, io_threads=cfg.io_threads, recorder=self.recorder, log=self._log,
                            on_corrupt=self._corrupt)
@@ -339,17 +342,20 @@ class TierCache:
         try:
             n = len(plan) * self._B
             out = torch.empty(self.layout.kv_shape(n), dtype=self.layout.dtype, device=self.cfg.device)
-            ll = LayerLoad(out, n, self.recorder, cuda_events=self.cfg.device.type == "cuda")
-            self._layer_worker.submit(self._layer_job, plan, ll)
+            ll = LayerLoad(out, n, self.recorder, cuda_events=self.engine is not None)
+            # what the caller's stream has enqueued so far (out's allocation included) comes first
+            fence = self.engine.fence() if self.engine is not None else None
+            self._layer_worker.submit(self._layer_job, plan, ll, fence)
         except BaseException:
             self.core.complete_load(plan, [False] * len(plan))
             raise
         return ll
 
-    def _layer_job(self, plan: Any, ll: LayerLoad) -> None:
+    def _layer_job(self, plan: Any, ll: LayerLoad, fence: Any = None) -> None:
         t0 = time.perf_counter()
         ok = [False] * len(plan)
         jobs: list[WriteJob] = []
+        last = None  # the last layer's copy job (CUDA): sources stay pinned until it has run
         try:
             self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
             targets = self.mover.fetch_targets(plan)
@@ -363,6 +369,13 @@ class TierCache:
                         raise KVUnavailable(f"layer {i}: {len(pending) - len(got)} blocks could not be read")
                     for j in whole:  # one-segment blocks arrived whole with their first layer
                         pending.pop(j, None)
+                if n and self.engine is not None:
+                    # a worker thread's own stream is not the caller's: order after the caller's fence,
+                    # and hand the consumer an event to wait on (on the device, not the host)
+                    last = self.engine.submit(lambda i=i: self.mover.gather(plan, n, out6[i], targets, layer=i),
+                                              "h2d", priority=True, after=fence, tensors=[ll.out], track=False)
+                    ll.layer_ready(i, last._event)
+                    continue
                 if n:
                     self.mover.gather(plan, n, out6[i], targets, layer=i)
                 ll.layer_ready(i)
@@ -371,6 +384,12 @@ class TierCache:
         except BaseException as e:  # a failed layer-wise load is a miss for the caller, never wrong KV
             ll.fail(e)
         finally:
+            if last is not None:
+                try:
+                    last.wait()  # copies out of pinned slots finish before the pins go
+                except BaseException as e:
+                    ll.fail(e)
+                    ok = [False] * len(plan)
             jobs += self.core.complete_load(plan, ok)
             self._queue(jobs)
         if all(ok):
@@ -404,6 +423,8 @@ class TierCache:
         finally:
             self._closed = True
             self._io.shutdown(wait=True)
+            if self.engine is not None:
+                self.engine.close()
             for slab in self.slabs.values():
                 slab.close()
             if self.disk is not None:
