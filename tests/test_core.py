@@ -221,3 +221,25 @@ def test_item11_stored_blocks_stay_visible_while_the_writer_is_held(tmp_path):
         c.flush()
         for p, n in zip(prompts, stored):
             assert c.lookup(p) >= n
+
+
+def test_reopened_store_reports_its_compression_ratio(tmp_path):
+    big = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, dtype=torch.float16, block_size=4)
+    cfg = CacheConfig(layout=big, host_bytes=0, disk_path=str(tmp_path), disk_bytes="16MiB")
+    zeros = torch.zeros(big.kv_shape(64), dtype=big.dtype)  # compresses well
+    with TierCache(cfg) as c:
+        c.store(list(range(64)), zeros)
+        c.flush()
+        written = c.stats()["disk_compression_ratio"]
+    with TierCache(cfg) as c:
+        s = c.stats()
+        assert s["blocks"]["disk"] == 16 and s["disk_compressed_bytes"] == 0
+        assert s["disk_compression_ratio"] > 1.0 and written > 1.0
+
+
+def test_load_only_users_see_served_tokens(tmp_path):
+    with TierCache(CacheConfig(layout=L, host_bytes="1MiB")) as c:
+        c.store(list(range(16)), kv(16))
+        c.load(list(range(16)))
+        s = c.stats()
+        assert s["loaded_tokens"]["host"] == 16 and s["lookup_tokens"] == 0

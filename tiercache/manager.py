@@ -473,6 +473,11 @@ class TierCache:
         if not self._closed:
             self._update_usage()
         out = self.recorder.snapshot()
+        if self.disk is not None and not out["disk_compressed_bytes"] and out["blocks"].get("disk"):
+            # nothing written by this process yet (e.g. just reopened): the ratio the store itself holds,
+            # raw block bytes over the bytes charged for them on disk
+            out["disk_compression_ratio"] = out["blocks"]["disk"] * self.layout.block_bytes / \
+                max(out["used_bytes"]["disk"], 1)
         out["pending_disk_writes"] = self._writer.pending() if self._writer is not None else 0
         out["in_flight"] = self.core.in_flight()
         return out
