@@ -12,7 +12,6 @@ exactly what it took and never leaves a slot readable whose bytes did not arrive
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +24,13 @@ from .config import CacheConfig
 from .core import BlockManager, DiskIndex, RemoteIndex, WriteJob
 from .errors import ClosedError, OnceLogger
 from .keys import BlockKey, KeyHasher, Namespace, tokens_to_array
-from .layerwise import KVUnavailable, LayerLoad, PrefetchHandle
+from .layerwise import LayerLoad, PrefetchHandle
 from .mover import Mover
+from .reads import ReadPath
 from .stats import Recorder
 from .tiers.slab import MemorySlab, StagingArea
 from .transfer import TransferEngine
 from .writebehind import EvictionGate, WriteBehind
-
-_MAX_QUEUED_PREFETCHES = 64
 
 
 class TierCache:
@@ -100,10 +98,8 @@ class TierCache:
                                        io=self._io, max_queue=cfg.write_queue_blocks, source=self.mover.tensor_of_job,
                                        done=self.core.complete_write, disk_changed=self._disk_changed, log=self._log,
                                        gate=self._gate)
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-prefetch")
-        self._layer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-layers")
-        self._prefetch_queued = 0
-        self._prefetch_lock = threading.Lock()
+        self.reads = ReadPath(layout=layout, device=cfg.device, core=self.core, mover=self.mover, disk=self.disk,
+                              gate=self._gate, engine=self.engine, recorder=self.recorder, queue=self._queue)
         self._update_usage()
         if cfg.metrics_port is not None:
             from .metrics import start_exporter
@@ -232,50 +228,7 @@ class TierCache:
         if out is not None:
             self._check_out(out)
             keys = keys[: out.shape[2] // self._B]
-        t0 = time.perf_counter()
-        plan, reader, get = self._plan_load(keys)
-        ok = [False] * len(plan)
-        jobs: list[WriteJob] = []
-        n = 0
-        try:
-            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
-            targets = self.mover.fetch_targets(plan)
-            good = set(range(len(plan))) - set(targets)
-            good |= self.mover.fetch(plan, targets, disk_get=get)
-            n = next((i for i in range(len(plan)) if i not in good), len(plan))
-            if out is None:
-                out = torch.empty(self.layout.kv_shape(n * self._B), dtype=self.layout.dtype, device=self.cfg.device)
-            if n:
-                self.mover.gather(plan, n, out[:, :, :n * self._B].unflatten(2, (n, self._B)), targets)
-            promoted = self.mover.promote(plan, good, targets)
-            ok = [i in good and (i not in plan.promote or i in promoted) for i in range(len(plan))]
-        finally:
-            if reader is not None:
-                reader.__exit__(None, None, None)
-            jobs += self.core.complete_load(plan, ok)
-            self._queue(jobs)
-        self._account_load(plan.serving[:n], time.perf_counter() - t0)
-        return out[:, :, : n * self._B]
-
-    def _plan_load(self, keys: list[BlockKey]) -> tuple[Any, Any, Any]:
-        """prepare_load, and the disk snapshot its slow blocks are read from, opened before any
-        eviction can be committed in between (see writebehind.EvictionGate)."""
-        if self.disk is None:
-            return self.core.prepare_load(keys), None, None
-        with self._gate.shared():
-            plan = self.core.prepare_load(keys)
-            if not any(src[0] == "disk" for src in plan.srcs):
-                return plan, None, None
-            try:
-                reader = self.disk.reader()
-                return plan, reader, reader.__enter__()
-            except BaseException:
-                self.core.complete_load(plan, [False] * len(plan))
-                raise
-
-    def _account_load(self, serving: list[str], seconds: float) -> None:
-        for t, n in Counter(serving).items():
-            self.recorder.loaded(t, n * self.layout.block_bytes, seconds, n * self._B)
+        return self.reads.load(keys, out)
 
     def _corrupt(self, tier: str, key: BlockKey, err: Exception) -> None:
         self.recorder.corrupt(tier)
@@ -299,38 +252,7 @@ class TierCache:
     def prefetch(self, tokens: Any, salt: Any = None) -> PrefetchHandle:
         """Bring the cached prefix up into the memory tiers in the background."""
         self._check_open()
-        keys = self.keys(tokens_to_array(tokens), salt)
-        with self._prefetch_lock:
-            if self._prefetch_queued >= _MAX_QUEUED_PREFETCHES:
-                return PrefetchHandle(None, self.recorder, dropped=True)
-            self._prefetch_queued += 1
-        return PrefetchHandle(self._prefetcher.submit(self._prefetch_job, keys), self.recorder)
-
-    def _prefetch_job(self, keys: list[BlockKey]) -> int:
-        with self._prefetch_lock:
-            self._prefetch_queued -= 1
-        if self._closed or not self.slabs:
-            return 0
-        t0 = time.perf_counter()
-        plan, reader, get = self._plan_load(keys)
-        ok = [False] * len(plan)
-        jobs: list[WriteJob] = []
-        try:
-            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
-            targets = self.mover.fetch_targets(plan)
-            good = (set(range(len(plan))) - set(targets)) | self.mover.fetch(plan, targets, disk_get=get)
-            promoted = self.mover.promote(plan, good, targets)
-            ok = [i in good and (i not in plan.promote or i in promoted) for i in range(len(plan))]
-        finally:
-            if reader is not None:
-                reader.__exit__(None, None, None)
-            jobs += self.core.complete_load(plan, ok)
-            self._queue(jobs)
-        n = next((i for i, g in enumerate(ok) if not g), len(ok))
-        moved = [plan.serving[i] for i in range(n) if plan.srcs[i][0] in ("disk", "remote")]
-        if moved:
-            self._account_load(moved, time.perf_counter() - t0)
-        return n * self._B
+        return self.reads.prefetch(self.keys(tokens_to_array(tokens), salt))
 
     def load_layers(self, tokens: Any, salt: Any = None, num_tokens: int | None = None) -> LayerLoad:
         """Start a layer-by-layer load of the cached prefix; see tiercache.layerwise.LayerLoad."""
@@ -338,63 +260,7 @@ class TierCache:
         keys = self.keys(tokens_to_array(tokens), salt)
         if num_tokens is not None:
             keys = keys[: num_tokens // self._B]
-        plan = self.core.prepare_load(keys)
-        try:
-            n = len(plan) * self._B
-            out = torch.empty(self.layout.kv_shape(n), dtype=self.layout.dtype, device=self.cfg.device)
-            ll = LayerLoad(out, n, self.recorder, cuda_events=self.engine is not None)
-            # what the caller's stream has enqueued so far (out's allocation included) comes first
-            fence = self.engine.fence() if self.engine is not None else None
-            self._layer_worker.submit(self._layer_job, plan, ll, fence)
-        except BaseException:
-            self.core.complete_load(plan, [False] * len(plan))
-            raise
-        return ll
-
-    def _layer_job(self, plan: Any, ll: LayerLoad, fence: Any = None) -> None:
-        t0 = time.perf_counter()
-        ok = [False] * len(plan)
-        jobs: list[WriteJob] = []
-        last = None  # the last layer's copy job (CUDA): sources stay pinned until it has run
-        try:
-            self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
-            targets = self.mover.fetch_targets(plan)
-            n = len(plan)
-            out6 = ll.out.unflatten(2, (n, self._B)) if n else None
-            pending, whole = dict(targets), set()
-            for i in range(ll.num_layers):
-                if pending:
-                    got = self.mover.fetch(plan, pending, range(i, i + 1), whole=whole)
-                    if len(got) < len(pending):
-                        raise KVUnavailable(f"layer {i}: {len(pending) - len(got)} blocks could not be read")
-                    for j in whole:  # one-segment blocks arrived whole with their first layer
-                        pending.pop(j, None)
-                if n and self.engine is not None:
-                    # a worker thread's own stream is not the caller's: order after the caller's fence,
-                    # and hand the consumer an event to wait on (on the device, not the host)
-                    last = self.engine.submit(lambda i=i: self.mover.gather(plan, n, out6[i], targets, layer=i),
-                                              "h2d", priority=True, after=fence, tensors=[ll.out], track=False)
-                    ll.layer_ready(i, last._event)
-                    continue
-                if n:
-                    self.mover.gather(plan, n, out6[i], targets, layer=i)
-                ll.layer_ready(i)
-            promoted = self.mover.promote(plan, set(range(n)), targets)
-            ok = [i not in plan.promote or i in promoted for i in range(n)]
-        except BaseException as e:  # a failed layer-wise load is a miss for the caller, never wrong KV
-            ll.fail(e)
-        finally:
-            if last is not None:
-                try:
-                    last.wait()  # copies out of pinned slots finish before the pins go
-                except BaseException as e:
-                    ll.fail(e)
-                    ok = [False] * len(plan)
-            jobs += self.core.complete_load(plan, ok)
-            self._queue(jobs)
-        if all(ok):
-            self._account_load(plan.serving, time.perf_counter() - t0)
-            ll.finish()
+        return self.reads.load_layers(keys)
 
     # -- close ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -414,8 +280,7 @@ class TierCache:
         if self._closed:
             return
         try:
-            self._prefetcher.shutdown(wait=True)
-            self._layer_worker.shutdown(wait=True)
+            self.reads.close()
             if self.cfg.write_policy == "write_back" and self.disk is not None and self._writer is not None:
                 self._write_back_all()
             if self._writer is not None:
