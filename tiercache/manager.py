@@ -281,7 +281,7 @@ class TierCache:
             return
         try:
             self.reads.close()
-            if self.cfg.write_policy == "write_back" and self.disk is not None and self._writer is not None:
+            if self.core.policy.flush_on_close and self.disk is not None and self._writer is not None:
                 self._write_back_all()
             if self._writer is not None:
                 self._writer.close()

@@ -190,6 +190,7 @@ class AdmissionPolicy:
     """Decides whether a block offered to a (slow) tier is written there."""
 
     name = ""
+    offer_on_hit = False  # re-offer a block read from memory (a hit is a second sighting)
 
     def admit(self, key: Key) -> bool:
         raise NotImplementedError
@@ -206,6 +207,7 @@ class SecondHit(AdmissionPolicy):
     """Admit a key the second time it is offered; remembers up to `memory` keys seen once."""
 
     name = "second_hit"
+    offer_on_hit = True
 
     def __init__(self, memory: int = 1 << 20) -> None:
         self._seen: OrderedDict[Key, None] = OrderedDict()

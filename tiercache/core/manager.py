@@ -263,7 +263,7 @@ class BlockManager:
                 [k for i, k in enumerate(plan.keys) if i < len(ok) and ok[i]]
             for ix in self.mem.values():
                 ix.touch_many(served)
-            if self.disk is not None and self.admission.name != "all":
+            if self.disk is not None and self.admission.offer_on_hit:
                 jobs = self._readmit(served)
         return jobs
 

@@ -29,11 +29,12 @@ class WritePolicy:
     fill_all_memory_tiers: bool   # store into every memory tier (else only the fastest)
     disk_on_store: bool           # queue new blocks for the disk at store time
     spill_on_evict: bool          # an evicted block moves down instead of being dropped
+    flush_on_close: bool          # close() writes blocks held only in memory to disk
 
 
 WRITE_POLICIES: dict[str, WritePolicy] = {
-    "write_through": WritePolicy("write_through", True, True, False),
-    "write_back": WritePolicy("write_back", False, False, True),
+    "write_through": WritePolicy("write_through", True, True, False, False),
+    "write_back": WritePolicy("write_back", False, False, True, True),
 }
 
 
