@@ -22,6 +22,13 @@ from tiercache import CacheConfig, TierCache
 cfg = CacheConfig(layout=LAYOUT, model_id="m", host_bytes=8 * LAYOUT.block_bytes, disk_path={path!r},
                   disk_bytes="8MiB")
 c = TierCache(cfg)
+tier_dropped = [0]                       # writes the disk tier itself could not take (vs queue backpressure)
+_real = c.disk.write_batch
+def _counted(*a, **k):
+    r = _real(*a, **k)
+    tier_dropped[0] += len(r[2])
+    return r
+c.disk.write_batch = _counted
 stop = time.time() + {seconds}
 out = {{"served": 0, "wrong": 0, "raised": 0, "ops": 0}}
 lock = threading.Lock()
@@ -48,6 +55,7 @@ for t in ts: t.join()
 s = c.stats()
 c.close()
 out["dropped_writes"] = s["dropped_writes"]["disk"]
+out["tier_dropped"] = tier_dropped[0]
 out["disk_errors"] = s["errors"]["disk"]
 print(json.dumps(out), flush=True)
 """
@@ -74,10 +82,13 @@ def main() -> int:
         out, _ = p.communicate(timeout=args.seconds * 4 + 120)
         results.append(json.loads(out.strip().splitlines()[-1]))
     procs[0].wait()
-    total = {k: sum(r[k] for r in results) for k in ("ops", "served", "wrong", "raised", "dropped_writes")}
+    names = ("ops", "served", "wrong", "raised", "dropped_writes", "tier_dropped")
+    total = {k: sum(r[k] for r in results) for k in names}
     print(f"{args.procs} processes x {args.threads} threads, {args.seconds:.0f} s, one SIGKILLed at "
           f"{args.seconds / 2:.0f} s: survivors did {total['ops']} ops, served {total['served']} verified blocks, "
-          f"{total['wrong']} wrong, {total['raised']} raised, {total['dropped_writes']} dropped disk writes; "
+          f"{total['wrong']} wrong, {total['raised']} raised, {total['dropped_writes']} dropped disk writes "
+          f"(of which {total['tier_dropped']} by the "
+          f"disk tier, the rest queue backpressure); "
           f"disk errors {[r['disk_errors'] for r in results]}")
     return 1 if total["wrong"] or total["raised"] else 0
 

@@ -15,7 +15,8 @@ snapshot, so a block being read cannot be evicted from under them; reads use
 
 Bounds: the map is `disk_bytes` (never less than 1 MiB), so data.mdb never
 grows past it; frames and namespace rows are charged against a budget below
-the map (room for LMDB's copy-on-write pages), and a full map or a full
+the map (room for LMDB's copy-on-write pages and old readers' snapshots:
+15% of the map, up to half of small maps), and a full map or a full
 filesystem evicts down and retries instead of failing.
 
 Faults never raise from a read or a write and never kill the process: a read
@@ -87,7 +88,10 @@ class DiskTier:
         self._lock_file = _lock
         self._map_size = max(int(capacity_bytes), MIN_MAP)
         # charged bytes stay below the map: LMDB needs free pages for copy-on-write and old snapshots
-        self._budget = min(capacity_bytes, int(self._map_size * 0.85))
+        # pages freed by a write stay unusable while any reader (of any process) is older: the slack
+        # needed is absolute (write rate x read time), so small maps keep up to half their size free
+        slack = max(self._map_size * 15 // 100, min(self._map_size // 2, 32 << 20))
+        self._budget = min(capacity_bytes, self._map_size - slack)
         self._initial_budget = self._budget
         self._max_frame = layout.block_bytes * 2 + (64 << 10)
         self._touch_lock = threading.Lock()
