@@ -198,7 +198,12 @@ class Mover:
         loose: list[tuple[int, torch.Tensor]] = []
         first = plan.srcs[0][0] if n else None
         if not targets and first in self.slabs and all(m == first for m, _ in plan.srcs[:n]):
-            self.slabs[first].gather([s for _, s in plan.srcs[:n]], out6, layer)  # the common case: one slab
+            # the common case: one slab. The index tensor is built once per plan (a layer-wise load
+            # gathers once per layer).
+            idx = plan.cache.get(("idx", n))
+            if idx is None:
+                idx = plan.cache[("idx", n)] = self.slabs[first].index([s for _, s in plan.srcs[:n]])
+            self.slabs[first].gather(idx, out6, layer)
             return
         for i in range(n):
             src = self.effective_src(plan, i, targets)

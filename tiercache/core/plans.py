@@ -46,6 +46,7 @@ class LoadPlan:
     promote: dict[int, list[Loc]] = field(default_factory=dict)  # block -> memory slots reserved for it
     spills: list[Spill] = field(default_factory=list)
     completed: bool = False
+    cache: dict = field(default_factory=dict, repr=False)  # the byte layer's memo for this plan (index tensors)
 
     def __len__(self) -> int:
         return len(self.keys)

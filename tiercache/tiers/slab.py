@@ -48,11 +48,14 @@ class MemorySlab:
     def view(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
 
-    def gather(self, slots: list[int], out6: torch.Tensor, layer: int | None = None) -> None:
+    def index(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def gather(self, slots: list[int] | torch.Tensor, out6: torch.Tensor, layer: int | None = None) -> None:
         """out6[..., j, :, :, :] = block slots[j]; out6 is [L, planes, n, B, H, D] (or one layer's)."""
         src = self._by_layer if layer is None else self._by_layer[layer]
         dim = 2 if layer is None else 1
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        idx = slots if isinstance(slots, torch.Tensor) else self.index(slots)
         if out6.device == self.device and out6.is_contiguous():
             torch.index_select(src, dim, idx, out=out6)
         else:
