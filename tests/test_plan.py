@@ -78,6 +78,16 @@ def test_gpt2_fp32_without_kv_heads_or_head_dim():
     assert host.blocks == 910 and host.tokens == 14560 and host.sequences == 14
 
 
+def test_sliding_window_is_flagged(capsys, tmp_path):
+    mistral = {**LLAMA3_8B, "architectures": ["MistralForCausalLM"], "sliding_window": 4096}
+    assert shape_from_config(mistral).sliding_window == 4096
+    assert shape_from_config({**mistral, "use_sliding_window": False}).sliding_window is None  # Qwen2 spelling
+    assert shape_from_config(QWEN2_7B).sliding_window is None
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    assert main(["--model", str(tmp_path), "--host", "1GiB", "--no-probe"]) == 0
+    assert "sliding-window attention (4096 tokens)" in capsys.readouterr().out
+
+
 def test_mla_latent_is_one_plane():
     shape = shape_from_config(DEEPSEEK_V3, name="DeepSeek-V3")
     assert (shape.planes, shape.num_kv_heads, shape.head_dim) == (1, 1, 576)

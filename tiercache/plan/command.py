@@ -196,6 +196,9 @@ def render(plan: dict) -> str:
                      f"{bw['seconds']:.1f} s (load into {bw['into']} memory; disk cold, decompression included)")
     else:
         lines.append(f"bandwidth: {bw.get('source')}")
+    if m.get("sliding_window"):
+        lines.append(f"note: the config declares sliding-window attention ({m['sliding_window']} tokens): these "
+                     "sizes assume full attention in every layer, and TierCachedLM refuses such models")
     lines.append(f"disk blocks sized at {plan['disk_ratio']:.2f}x compression ({plan['disk_ratio_source']})"
                  + (f", {_b(plan['disk_block_cost'])} per block with frame and index overhead"
                     if plan["disk_block_cost"] else ""))

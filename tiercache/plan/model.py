@@ -31,6 +31,7 @@ class ModelShape:
     dtype: str = "bfloat16"
     planes: int = 2
     max_seq_len: int | None = None
+    sliding_window: int | None = None  # set when the config declares sliding-window attention
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim"):
@@ -59,7 +60,8 @@ class ModelShape:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "dtype": self.dtype, "planes": self.planes,
-                "max_seq_len": self.max_seq_len, "kv_bytes_per_token": self.bytes_per_token}
+                "max_seq_len": self.max_seq_len, "sliding_window": self.sliding_window,
+                "kv_bytes_per_token": self.bytes_per_token}
 
 
 def _first(cfg: dict, *names: str) -> Any:
@@ -90,6 +92,8 @@ def shape_from_config(cfg: dict, name: str = "model", dtype: str | None = None, 
     heads = _int_field(cfg, source, "num_attention_heads", "n_head", "num_heads")
     max_len = _int_field(cfg, source, "max_position_embeddings", "n_positions", "max_seq_len",
                          "seq_length", required=False)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
     want = dtype or _first(cfg, "torch_dtype", "dtype") or "bfloat16"
     want = str(want).removeprefix("torch.")
     if want not in DTYPE_BYTES:
@@ -106,7 +110,7 @@ def shape_from_config(cfg: dict, name: str = "model", dtype: str | None = None, 
             raise ValueError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
                              "the config needs head_dim")
         head_dim = hidden // heads
-    return ModelShape(name, layers, kv_heads, head_dim, want, planes=2, max_seq_len=max_len)
+    return ModelShape(name, layers, kv_heads, head_dim, want, planes=2, max_seq_len=max_len, sliding_window=window)
 
 
 def load_model_shape(path: str, dtype: str | None = None) -> ModelShape:
