@@ -289,3 +289,18 @@ def test_measure_prefill_on_an_unavailable_device_is_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cuda: CUDA is not available" in err[0]
+
+
+def test_bandwidth_from_an_earlier_plan(tmp_path, capsys):
+    earlier = {"bandwidth": {"source": "probe", "host": 5.0, "disk": 0.5, "disk_ratio": 1.25}}
+    (tmp_path / "plan.json").write_text(json.dumps(earlier))
+    argv = ["--layers", "1", "--kv-heads", "1", "--head-dim", "64", "--host", "1GiB", "--disk", "1GiB",
+            "--bandwidth-from", str(tmp_path / "plan.json"), "--prefix", "1000", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    tiers = {r["tier"]: r for r in plan["tiers"]}
+    assert tiers["host"]["load_prefix_s"] == pytest.approx(1000 * 256 / 5e9)
+    assert plan["disk_ratio"] == 1.25 and plan["bandwidth"]["source"].endswith("(plan)")
+    (tmp_path / "other.json").write_text(json.dumps({"throughput": []}))
+    assert main([*argv[:-5], "--bandwidth-from", str(tmp_path / "other.json")]) == 2
+    assert "neither" in capsys.readouterr().err
