@@ -34,6 +34,16 @@ def metrics(llm) -> dict:
             labels = {k: v for k, v in (m.labels or {}).items() if k not in ("model_name", "engine")}
             key = m.name + (json.dumps(labels, sort_keys=True) if labels else "")
             out[key] = out.get(key, 0) + value
+    # vLLM's reader lists only vllm:* names; the connector's tiercache_* counters are read from the registry
+    # the front end's Prometheus logger registered them in (this process, in both modes).
+    from prometheus_client import REGISTRY
+    for family in REGISTRY.collect():
+        if family.name.startswith("tiercache_") and family.type == "counter":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    labels = {k: v for k, v in sample.labels.items() if k not in ("model_name", "engine")}
+                    key = family.name + (json.dumps(labels, sort_keys=True) if labels else "")
+                    out[key] = out.get(key, 0) + sample.value
     return out
 
 
@@ -49,7 +59,7 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.config import KVTransferConfig
 
     kwargs = dict(model=spec["model"], enforce_eager=True, dtype="bfloat16", seed=0, disable_log_stats=False,
-                  max_model_len=4096)
+                  max_model_len=4096, gpu_memory_utilization=0.3)  # on CPU: the share of RAM vLLM may claim
     kwargs.update(spec.get("llm", {}))
     if spec.get("extra") is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer_config(spec["extra"]))

@@ -19,6 +19,11 @@ QUERIES = "vllm:external_prefix_cache_queries"
 DISK_HITS = 'vllm:prompt_tokens_cached_by_source{"source": "disk"}'
 
 
+def tc_hits(metrics: dict, tier: str) -> float:
+    """tiercache_hit_tokens_total{tier}: the connector's own count, carried to the front end by vLLM."""
+    return metrics[f'tiercache_hit_tokens{{"tier": "{tier}"}}']
+
+
 def store_cfg(path) -> dict:
     return {"disk_path": str(path), "disk_bytes": "1GiB", "host_bytes": "64MiB"}
 
@@ -42,6 +47,12 @@ def test_outputs_identical_and_hits_in_process(run_engine, reference, tmp_path):
     assert r["phases"][-1]["metrics"][DISK_HITS] == hits[-1]
     c = r["connector"]
     assert c["loaded_tokens"] == hits[-1] and c["failed_blocks"] == 0 and c["saved_tokens"] > 0
+    m = r["phases"][-1]["metrics"]
+    # the worker still held q1's blocks in host memory: served from there, not from disk
+    assert tc_hits(m, "host") == hits[-1] and tc_hits(m, "disk") == 0
+    # new full blocks only (prompt and generated tokens): q1 1158 tokens -> 9; q2 1208 -> 9, 7 were hits;
+    # q3 948 -> 7, 5 were hits
+    assert m["tiercache_stored_tokens"] == (9 + 2 + 2) * 128 and m["tiercache_recomputed_blocks"] == 0
 
 
 def test_second_process_gets_the_prefix_from_tiercache(run_engine, reference, tmp_path):
@@ -57,6 +68,7 @@ def test_second_process_gets_the_prefix_from_tiercache(run_engine, reference, tm
     # q2 shares DOC's 7 blocks with q1; long's 11 full blocks were all stored.
     assert m[HITS] == (7 + 11) * 128
     assert m[DISK_HITS] == m[HITS]
+    assert tc_hits(m, "disk") == m[HITS]         # a new worker's host memory is empty: all from disk
 
 
 def _damage_every_other_frame(path) -> int:
@@ -84,6 +96,7 @@ def test_corrupted_store_gives_identical_outputs_and_no_errors(run_engine, refer
     assert m[HITS] > 0                           # the index still offered the blocks ...
     assert c["failed_blocks"] > 0                # ... the worker found them corrupt, vLLM recomputed them
     assert c["loaded_tokens"] + c["failed_blocks"] * 128 == m[HITS]
+    assert m["tiercache_recomputed_blocks"] == c["failed_blocks"]
 
 
 def test_chunked_prefill_salts_and_preemption(run_engine, reference, tmp_path):

@@ -39,7 +39,7 @@ def serve_command(model_dir: str, port: int, store: Path) -> list[str]:
           "kv_role": "kv_both",
           "kv_connector_extra_config": {"disk_path": str(store), "disk_bytes": "1GiB", "host_bytes": "64MiB"}}
     return [sys.executable, "-c", VLLM_CLI, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-            "--enforce-eager", "--max-model-len", "4096", "--dtype", "bfloat16",
+            "--enforce-eager", "--max-model-len", "4096", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3",
             "--kv-transfer-config", json.dumps(kv)]
 
 
@@ -109,6 +109,8 @@ def test_vllm_serve_answers_and_a_second_server_reports_external_hits(model_dir,
         text2 = second.complete(model_dir, prompt)
         hits = second.metric("vllm:external_prefix_cache_hits_total")
         assert second.metric("vllm:prefix_cache_hits_total") == 0   # its own cache is cold
+        # the connector's own counters reach vLLM's /metrics (no PROMETHEUS_MULTIPROC_DIR needed)
+        assert second.metric("tiercache_hit_tokens_total") == hits
     finally:
         second.stop()
     assert hits >= 128

@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from .vllm_metrics import TierCachePromMetrics, TierCacheStats
 from .vllm_scheduler import SchedulerSide, TierCacheMetadata
 from .vllm_worker import WorkerSide
 
@@ -112,3 +113,17 @@ class TierCacheConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self.scheduler.request_finished(request)
         return False, None
+
+    # -- metrics (both sides; see vllm_metrics) -----------------------------------------------------
+    def get_kv_connector_stats(self) -> TierCacheStats | None:
+        side = self._worker if self._worker is not None else self._scheduler
+        return side.stats.take() if side is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TierCacheStats:
+        return TierCacheStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> TierCachePromMetrics:
+        return TierCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

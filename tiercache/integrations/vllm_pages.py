@@ -93,14 +93,7 @@ def gather(layers: Sequence[torch.Tensor], block_ids: Sequence[int] | torch.Tens
     kern = _kernels()
     if kern is not None:
         return kern.gather(list(layers), _ids(block_ids, layers[0].device), layout)
-    heads, bs, d = _dims(layers[0])
-    ids = _ids(block_ids, layers[0].device)
-    out = torch.empty((ids.numel(), len(layers), 2, bs, heads, d), dtype=layers[0].dtype, device=layers[0].device)
-    for i, layer in enumerate(layers):
-        k, v = _page_to_canonical(layer.index_select(0, ids), layout, bs, d)
-        out[:, i, 0].copy_(k)
-        out[:, i, 1].copy_(v)
-    return out
+    return torch_gather(layers, block_ids, layout)
 
 
 def scatter(blocks: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int] | torch.Tensor,
@@ -115,6 +108,26 @@ def scatter(blocks: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Seq
     if kern is not None:
         kern.scatter(blocks.contiguous(), list(layers), ids, layout)
         return
+    torch_scatter(blocks, layers, ids, layout)
+
+
+def torch_gather(layers: Sequence[torch.Tensor], block_ids: Sequence[int] | torch.Tensor,
+                 layout: str) -> torch.Tensor:
+    """`gather` without tiercache_kernels: one index_select per layer."""
+    heads, bs, d = _dims(layers[0])
+    ids = _ids(block_ids, layers[0].device)
+    out = torch.empty((ids.numel(), len(layers), 2, bs, heads, d), dtype=layers[0].dtype, device=layers[0].device)
+    for i, layer in enumerate(layers):
+        k, v = _page_to_canonical(layer.index_select(0, ids), layout, bs, d)
+        out[:, i, 0].copy_(k)
+        out[:, i, 1].copy_(v)
+    return out
+
+
+def torch_scatter(blocks: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int] | torch.Tensor,
+                  layout: str) -> None:
+    """`scatter` without tiercache_kernels: one index_copy_ per layer."""
+    ids = _ids(block_ids, layers[0].device)
     for i, layer in enumerate(layers):
         layer.index_copy_(0, ids, _canonical_to_page(blocks[:, i, 0], blocks[:, i, 1], layout))
 

@@ -18,6 +18,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from ..manager import TierCache
+from .vllm_metrics import TierCacheStats
 from .vllm_settings import cache_config
 
 
@@ -40,6 +41,7 @@ class SaveJob:
     tokens: list[int]
     salt: str | None
     block_ids: list[int]
+    first_new_block: int = 0   # blocks before it were saved by an earlier job (for the stored-tokens count)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Req:
     saved_blocks: int = 0          # full blocks the workers were asked to save
     hit_tokens: int = 0            # last lookup: tokens of the cached prefix (block multiple)
     local_tokens: int = 0          # vLLM's own prefix-cache hit at that lookup
+    lookup_tokens: int = 0         # tokens that lookup asked tiercache about
     pending_load: LoadJob | None = None
 
 
@@ -79,7 +82,7 @@ class SchedulerSide:
                                    metrics_port=None)
                 self.views.append(TierCache(cfg))
         self.reqs: dict[str, _Req] = {}
-        self.hit_tokens_total = 0
+        self.stats = TierCacheStats()
 
     def close(self) -> None:
         for v in self.views:
@@ -100,7 +103,7 @@ class SchedulerSide:
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         st = self._state(request)
-        st.pending_load, st.hit_tokens, st.local_tokens = None, 0, num_computed_tokens
+        st.pending_load, st.hit_tokens, st.local_tokens, st.lookup_tokens = None, 0, num_computed_tokens, 0
         salt = salt_of(request)
         if salt is False:
             return 0, False
@@ -110,11 +113,15 @@ class SchedulerSide:
         if limit <= num_computed_tokens:
             return 0, False
         hit = min(self._cached_tokens(list(request.all_token_ids[:limit]), salt), limit)
-        st.hit_tokens = hit
+        st.hit_tokens, st.lookup_tokens = hit, limit - num_computed_tokens
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         st = self._state(request)
+        self.stats.count("lookup_tokens", st.lookup_tokens)  # once per admission, however often it was asked
+        st.lookup_tokens = 0
+        # tiercache held these blocks at the lookup: saving them again would only repeat the gather
+        st.saved_blocks = max(st.saved_blocks, st.hit_tokens // self.block_size)
         if num_external_tokens <= 0:
             return
         B = self.block_size
@@ -153,7 +160,8 @@ class SchedulerSide:
             done = req.num_computed_tokens + n - len(spec.get(req_id, ()))
             full = min(done // B, len(st.block_ids))
             if full > st.saved_blocks:
-                meta.saves.append(SaveJob(req_id, list(req.all_token_ids[:full * B]), salt, st.block_ids[:full]))
+                meta.saves.append(SaveJob(req_id, list(req.all_token_ids[:full * B]), salt, st.block_ids[:full],
+                                          st.saved_blocks))
                 st.saved_blocks = full
         return meta
 

@@ -58,7 +58,16 @@ def cache_config(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0, **ove
     extra.update(overrides)
     tp_size = vllm_config.parallel_config.tensor_parallel_size
     try:
-        return CacheConfig(layout=layout_from_vllm(kv_cache_config), device="cpu", device_bytes=0,
-                           tp_rank=tp_rank, tp_size=tp_size, **extra)
+        cfg = CacheConfig(layout=layout_from_vllm(kv_cache_config), device="cpu", device_bytes=0,
+                          tp_rank=tp_rank, tp_size=tp_size, **extra)
     except (ValueError, TypeError) as e:
         raise type(e)(f"kv_connector_extra_config: {e}") from e
+    # vLLM's scheduler process answers lookups from the disk tier's index (the host tier lives in the
+    # workers): without a disk tier, or with write-back keeping blocks in worker memory, it never sees a hit.
+    if not cfg.disk_enabled:
+        raise ValueError("kv_connector_extra_config: disk_path: the vLLM connector needs a disk tier (its scheduler "
+                         "process looks blocks up in the disk index); set disk_path and a disk_bytes above 0")
+    if cfg.write_policy != "write_through":
+        raise ValueError(f"kv_connector_extra_config: write_policy: the vLLM connector needs 'write_through' (its "
+                         f"scheduler sees blocks once they reach the disk), got {cfg.write_policy!r}")
+    return cfg

@@ -22,6 +22,7 @@ import torch
 
 from ..manager import TierCache
 from . import vllm_pages
+from .vllm_metrics import TierCacheStats
 from .vllm_scheduler import LoadJob, SaveJob, TierCacheMetadata
 from .vllm_settings import cache_config
 
@@ -52,8 +53,10 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._queued = 0
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-vllm-save")
+        # cumulative (what a test or an operator reads) and per-interval (what vLLM ships to /metrics)
         self.counters = {"loaded_tokens": 0, "failed_blocks": 0, "saved_tokens": 0, "dropped_saves": 0,
                          "save_errors": 0}
+        self.stats = TierCacheStats()
 
     # -- set-up ----------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -88,6 +91,7 @@ class WorkerSide:
         end = job.start_block + len(job.block_ids)
         served = job.start_block
         try:
+            tiers = self._serving_tiers(job)
             kv = self.cache.load(job.tokens, salt=job.salt)  # [L, 2, tokens, H, D], the cached prefix
             served = max(job.start_block, min(kv.shape[2] // B, end))
             m = served - job.start_block
@@ -97,14 +101,25 @@ class WorkerSide:
                 vllm_pages.scatter(blocks.permute(2, 0, 1, 3, 4, 5).contiguous().to(self.layers[0].device), self.layers,
                                    job.block_ids[:m], self.page_layout)
                 self.counters["loaded_tokens"] += m * B
+                for tier in tiers[job.start_block:served]:
+                    self.stats.count(f"hit_tokens.{tier}", B)
         except Exception:  # a storage fault is a miss: vLLM recomputes every block of this job
             log.exception("tiercache: load for request %s failed; its blocks are recomputed", job.req_id)
+            self.stats.count("load_errors")
             served = job.start_block
         failed = job.block_ids[served - job.start_block:]
         if failed:
             self._failed.update(failed)
             self._failed_reqs.add(job.req_id)
             self.counters["failed_blocks"] += len(failed)
+            self.stats.count("recomputed_blocks", len(failed))
+
+    def _serving_tiers(self, job: LoadJob) -> list[str]:
+        """Tier serving each block of the job's prefix right now (for the hit-by-tier counts only)."""
+        keys = self.cache.keys(job.tokens, salt=job.salt)
+        tiers = list(self.cache.core.lookup(keys))
+        # a block that moved since is still counted for some tier; a metric, not a decision
+        return tiers + ["disk"] * (len(keys) - len(tiers))
 
     def failed_blocks(self) -> set[int]:
         out, self._failed = self._failed, set()
@@ -118,6 +133,7 @@ class WorkerSide:
             with self._lock:
                 if self._queued >= MAX_QUEUED_SAVES:
                     self.counters["dropped_saves"] += 1
+                    self.stats.count("dropped_saves", len(job.block_ids) - job.first_new_block)
                     continue
                 self._queued += 1
             try:
@@ -136,8 +152,10 @@ class WorkerSide:
                                                           self.layout.num_kv_heads, self.layout.head_dim)
             self.cache.store(job.tokens, kv.cpu(), salt=job.salt)
             self.counters["saved_tokens"] += len(job.tokens)
+            self.stats.count("stored_tokens", (n - job.first_new_block) * self.layout.block_size)
         except Exception:
             self.counters["save_errors"] += 1
+            self.stats.count("save_errors")
             log.exception("tiercache: saving request %s failed (a future miss, nothing else)", job.req_id)
         finally:
             with self._lock:
