@@ -1,17 +1,12 @@
 """The disk tier: one LMDB environment of codec frames, bounded by bytes, that survives its files.
 
-Sub-databases:
-    blocks  key(16)            -> codec frame
-    meta    key(16)            -> seq u64 | charged u64 | raw u32 | frame u32 | ns 8s | created f64 | atime f64
-    atime   seq(8, BE) key(16) -> b""            (access index: oldest first, for LRU eviction)
-    ns      ns id(8)           -> JSON describing the namespace (never the salt itself)
-    nsref   ns id(8)           -> u64 blocks of that namespace (the row goes with its last block)
-    info    b"layout" / b"format" / b"used" / b"seq" -> store-wide facts
-
-Every change happens in one write transaction, so several processes can share
-a path (LMDB: one writer at a time, readers never blocked). Readers see a
-snapshot, so a block being read cannot be evicted from under them; reads use
-`buffers=True` and decode straight from the memory map.
+What is stored, and how a write changes it, is `disk_schema`; opening, locking
+and the process-wide environment registry are `lmdb_env`. This module is the
+tier: reads that never raise, writes that never raise, and what to do when the
+files misbehave. Several processes can share a path (LMDB: one writer at a
+time, readers never blocked); a reader sees a snapshot, so a block being read
+cannot be evicted from under it. Reads use `buffers=True` and decode straight
+from the memory map.
 
 Bounds: the map is `disk_bytes` (never less than 1 MiB), so data.mdb never
 grows past it; frames and namespace rows are charged against a budget below
@@ -44,28 +39,14 @@ import lmdb
 
 from ..config import KVLayout
 from ..errors import LayoutMismatch, OnceLogger
-from ..keys import KEY_BYTES, BlockKey
+from ..keys import BlockKey
 from . import lmdb_env
+from .disk_schema import DBS, Schema, charged_bytes
 from .lmdb_env import DIR_MODE, describe_error
 
 FORMAT = b"tiercache-disk-2"  # 2: frames bound to their key (codec v2), namespace rows counted and charged
-_META = struct.Struct("<QQII8sdd")
-_SEQ = struct.Struct(">Q")
-_U64 = struct.Struct("<Q")
-PAGE = 4096
-ENTRY_OVERHEAD = 256  # b-tree entries for meta, atime and the key, per block (estimate)
-NS_ROW_BYTES = 512    # what one namespace row costs against disk_bytes
 MIN_MAP = 1 << 20
-INLINE_MAX = 2000  # LMDB keeps values up to about half a page inside the leaf page
 _MAX_TOUCHED = 1 << 16
-_DBS = (b"blocks", b"meta", b"atime", b"ns", b"nsref", b"info")
-
-
-def charged_bytes(frame_len: int) -> int:
-    """What a frame costs against disk_bytes: its overflow pages (or inline size) plus index entries."""
-    if frame_len <= INLINE_MAX:
-        return frame_len + ENTRY_OVERHEAD
-    return -(-frame_len // PAGE) * PAGE + ENTRY_OVERHEAD
 
 
 def _miss(_key: bytes) -> None:
@@ -151,7 +132,8 @@ class DiskTier:
                 return self._off("open", f"data.mdb is truncated ({have} of {need} bytes); move it away")
             self._dbs = {b"info": env.open_db(b"info", create=not self.readonly)}
             self._check_layout()  # before anything else is created: an old store is refused untouched
-            self._dbs.update({n: env.open_db(n, create=not self.readonly) for n in _DBS})
+            self._dbs.update({n: env.open_db(n, create=not self.readonly) for n in DBS})
+            self._schema = Schema(self._dbs, self.layout.block_bytes)
         except lmdb.NotFoundError:
             return self._off("open", "it is an LMDB environment but not a tiercache store")
         except lmdb.Error as e:
@@ -439,7 +421,8 @@ class DiskTier:
             self._budget = min(self._budget + self.capacity_bytes // 100, self._initial_budget)
         for _attempt in range(4):
             try:
-                written, gone = self._write_txn(shared.env, items, deletes, touched)
+                with shared.env.begin(write=True) as txn:
+                    written, gone = self._schema.write(txn, items, deletes, touched, self._budget)
                 return written, evicted + gone
             except lmdb.MapResizedError:
                 try:
@@ -484,12 +467,11 @@ class DiskTier:
         while True:
             try:
                 with env.begin(write=True) as txn:
-                    used, blocks, seq = self._load_counters(txn)
+                    used = self._schema.counters(txn)[0]
                     if not lowered:
                         self._budget = min(self._budget, used * 9 // 10)
                         lowered = True
-                    freed, now = self._evict(txn, used + need - self._budget, max_victims=chunk)
-                    self._store_counters(txn, used - freed, blocks - len(now), seq)
+                    now = self._schema.evict_in(txn, used + need - self._budget, max_victims=chunk)
             except lmdb.MapFullError:
                 if chunk == 1:
                     raise
@@ -510,74 +492,6 @@ class DiskTier:
             except lmdb.Error:
                 pass
 
-    def _write_txn(self, env: lmdb.Environment, items: list, deletes: list,
-                   touched: dict) -> tuple[list[BlockKey], list[BlockKey]]:
-        written: list[BlockKey] = []
-        evicted: list[BlockKey] = []
-        meta_db, atime_db, blocks_db = self._dbs[b"meta"], self._dbs[b"atime"], self._dbs[b"blocks"]
-        now = time.time()
-        with env.begin(write=True) as txn:
-            used, blocks, seq = self._load_counters(txn)
-            for k in deletes:
-                charged = self._delete(txn, k)
-                if charged:
-                    used -= charged
-                    blocks -= 1
-            for k, ts in touched.items():
-                meta = txn.get(k, db=meta_db)
-                if meta is None:
-                    continue
-                old_seq, charged, raw_len, flen, ns, created, _ = _META.unpack(meta)
-                txn.delete(_SEQ.pack(old_seq) + k, db=atime_db)
-                seq += 1
-                txn.put(_SEQ.pack(seq) + k, b"", db=atime_db)
-                txn.put(k, _META.pack(seq, charged, raw_len, flen, ns, created, ts), db=meta_db)
-            for k, frame, ns_id, ns_desc in items:
-                if txn.get(k, db=meta_db) is not None:
-                    continue  # already stored (by us or another process): keep the first copy
-                charged = charged_bytes(len(frame))
-                if charged > self._budget:
-                    continue
-                ns_cost = self._ns_add(txn, ns_id, ns_desc)
-                if used + charged + ns_cost > self._budget:
-                    freed, gone = self._evict(txn, used + charged + ns_cost - self._budget)
-                    used -= freed
-                    blocks -= len(gone)
-                    evicted += gone
-                seq += 1
-                txn.put(k, frame, db=blocks_db)
-                txn.put(k, _META.pack(seq, charged, self.layout.block_bytes, len(frame), ns_id, now, now),
-                        db=meta_db)
-                txn.put(_SEQ.pack(seq) + k, b"", db=atime_db)
-                used += charged + ns_cost
-                blocks += 1
-                written.append(k)
-            self._store_counters(txn, used, blocks, seq)
-        return written, evicted
-
-    def _ns_add(self, txn: lmdb.Transaction, ns_id: bytes, desc: dict) -> int:
-        """Count one more block of namespace `ns_id`; returns the bytes a new row costs."""
-        ref_db = self._dbs[b"nsref"]
-        raw = txn.get(ns_id, db=ref_db)
-        n = _U64.unpack(raw)[0] if raw else 0
-        txn.put(ns_id, _U64.pack(n + 1), db=ref_db)
-        if n:
-            return 0
-        txn.put(ns_id, json.dumps(desc, sort_keys=True).encode(), db=self._dbs[b"ns"])
-        return NS_ROW_BYTES
-
-    def _ns_drop(self, txn: lmdb.Transaction, ns_id: bytes) -> int:
-        """One block of `ns_id` is gone; returns the bytes freed if it was the namespace's last."""
-        ref_db = self._dbs[b"nsref"]
-        raw = txn.get(ns_id, db=ref_db)
-        n = _U64.unpack(raw)[0] if raw else 0
-        if n > 1:
-            txn.put(ns_id, _U64.pack(n - 1), db=ref_db)
-            return 0
-        txn.delete(ns_id, db=ref_db)
-        txn.delete(ns_id, db=self._dbs[b"ns"])
-        return NS_ROW_BYTES if raw else 0
-
     def evict_bytes(self, nbytes: int) -> list[BlockKey]:
         """Evict least recently used blocks worth `nbytes` (nothing on a fault)."""
         shared = self._state()
@@ -585,57 +499,11 @@ class DiskTier:
             return []
         try:
             with shared.wlock, shared.env.begin(write=True) as txn:
-                used, blocks, seq = self._load_counters(txn)
-                freed, gone = self._evict(txn, nbytes)
-                self._store_counters(txn, used - freed, blocks - len(gone), seq)
+                gone = self._schema.evict_in(txn, nbytes)
         except lmdb.Error as e:
             self._fault("evict", e)
             return []
         return gone
-
-    def _load_counters(self, txn: lmdb.Transaction) -> tuple[int, int, int]:
-        info = self._dbs[b"info"]
-        raw = txn.get(b"used", db=info)
-        used, blocks = struct.unpack("<QQ", raw) if raw else (0, 0)
-        raw = txn.get(b"seq", db=info)
-        seq = _U64.unpack(raw)[0] if raw else 0
-        return used, blocks, seq
-
-    def _store_counters(self, txn: lmdb.Transaction, used: int, blocks: int, seq: int) -> None:
-        info = self._dbs[b"info"]
-        txn.put(b"used", struct.pack("<QQ", max(used, 0), max(blocks, 0)), db=info)
-        txn.put(b"seq", _U64.pack(seq), db=info)
-
-    def _delete(self, txn: lmdb.Transaction, k: bytes) -> int:
-        meta = txn.get(k, db=self._dbs[b"meta"])
-        if meta is None:
-            txn.delete(k, db=self._dbs[b"blocks"])  # a frame without meta should not exist; be thorough
-            return 0
-        seq, charged, _, _, ns = _META.unpack(meta)[:5]
-        txn.delete(k, db=self._dbs[b"blocks"])
-        txn.delete(k, db=self._dbs[b"meta"])
-        txn.delete(_SEQ.pack(seq) + k, db=self._dbs[b"atime"])
-        return charged + self._ns_drop(txn, ns)
-
-    def _evict(self, txn: lmdb.Transaction, need: int, max_victims: int = 1 << 62) -> tuple[int, list[BlockKey]]:
-        """Delete least recently used blocks until `need` bytes are freed (or `max_victims` are gone)."""
-        if need <= 0:
-            return 0, []
-        meta_db = self._dbs[b"meta"]
-        victims = []
-        freed = 0
-        cur = txn.cursor(db=self._dbs[b"atime"])
-        if cur.first():
-            for idx in cur.iternext(keys=True, values=False):
-                victims.append(bytes(idx[8:]))
-                meta = txn.get(victims[-1], db=meta_db)
-                freed += _META.unpack(meta)[1] if meta else 0
-                if freed >= need or len(victims) >= max_victims:
-                    break
-        freed = 0
-        for k in victims:
-            freed += self._delete(txn, k)
-        return freed, [BlockKey(k) for k in victims]
 
     # -- inspection (may raise lmdb errors: `tiercache inspect` words them) --------------------
     @property
@@ -647,12 +515,8 @@ class DiskTier:
 
     def iter_meta(self) -> Iterator[tuple[BlockKey, dict]]:
         """Yield (key, meta dict) for every stored block."""
-        with self.env.begin(db=self._dbs[b"meta"]) as txn:
-            for k, v in txn.cursor():
-                seq, charged, raw_len, flen, ns, created, atime = _META.unpack(v)
-                yield BlockKey(bytes(k[:KEY_BYTES])), {"seq": seq, "charged": charged, "raw_len": raw_len,
-                                                      "frame_len": flen, "ns": ns, "created": created,
-                                                      "atime": atime}
+        with self.env.begin() as txn:
+            yield from self._schema.iter_meta(txn)
 
     def namespaces(self) -> dict[bytes, dict]:
         with self.env.begin(db=self._dbs[b"ns"]) as txn:
