@@ -106,6 +106,7 @@ class Mover:
             scratch = torch.empty((len(need_scratch), *self.layout.block_shape), dtype=self.layout.dtype)
             for j, i in enumerate(need_scratch):
                 targets[i] = scratch[j]
+            plan.cache["scratch"] = (scratch, {i: j for j, i in enumerate(need_scratch)})
         return targets
 
     def target_tensor(self, t: Loc | torch.Tensor) -> torch.Tensor:
@@ -194,8 +195,6 @@ class Mover:
 
     def gather(self, plan: LoadPlan, n: int, out6: torch.Tensor, targets: dict, layer: int | None = None) -> None:
         """out6 ([L, planes, n, B, H, D], or one layer's [planes, n, B, H, D]) <- blocks 0..n-1."""
-        groups: dict[str, tuple[list[int], list[int]]] = {}
-        loose: list[tuple[int, torch.Tensor]] = []
         first = plan.srcs[0][0] if n else None
         if not targets and first in self.slabs and all(m == first for m, _ in plan.srcs[:n]):
             # the common case: one slab. The index tensor is built once per plan (a layer-wise load
@@ -205,26 +204,44 @@ class Mover:
                 idx = plan.cache[("idx", n)] = self.slabs[first].index([s for _, s in plan.srcs[:n]])
             self.slabs[first].gather(idx, out6, layer)
             return
-        for i in range(n):
-            src = self.effective_src(plan, i, targets)
-            if isinstance(src, torch.Tensor) or src[0] == "stage":
-                loose.append((i, self.target_tensor(src) if isinstance(src, torch.Tensor) else self.tensor(src)))
-            else:
-                pos, slots = groups.setdefault(src[0], ([], []))
-                pos.append(i)
-                slots.append(src[1])
+        groups, loose = self._groups(plan, n, targets)
         dim = 2 if layer is None else 1
-        for medium, (pos, slots) in groups.items():
-            slab = self.slabs[medium]
-            if len(pos) == n:
-                slab.gather(slots, out6, layer)
+        for medium, (pos, idx, whole) in groups.items():
+            by_layer = plan.cache["scratch"][0].permute(1, 2, 0, 3, 4, 5) if medium == "scratch" \
+                else self.slabs[medium]._by_layer
+            src = by_layer if layer is None else by_layer[layer]
+            picked = torch.index_select(src, dim, idx.to(src.device))
+            if whole:
+                out6.copy_(picked, non_blocking=True)
             else:
-                tmp = torch.empty_like(out6.narrow(dim, 0, len(pos)), device=slab.device)
-                slab.gather(slots, tmp, layer)
-                out6.index_copy_(dim, torch.tensor(pos, device=out6.device), tmp.to(out6.device))
+                out6.index_copy_(dim, pos.to(out6.device), picked.to(out6.device, non_blocking=True))
         for i, t in loose:
-            src = t if layer is None else t[layer]
-            out6.select(dim, i).copy_(src)
+            out6.select(dim, i).copy_(t if layer is None else t[layer])
+
+    def _groups(self, plan: LoadPlan, n: int, targets: dict) -> tuple[dict, list]:
+        """Blocks 0..n-1 grouped by the medium they are read from (memoised per plan: a layer-wise load
+        gathers once per layer): medium -> (positions, slots, covers all n)."""
+        got = plan.cache.get(("groups", n))
+        if got is not None:
+            return got
+        scratch = plan.cache.get("scratch", (None, {}))[1]
+        lists: dict[str, tuple[list[int], list[int]]] = {}
+        loose: list[tuple[int, torch.Tensor]] = []
+        for i in range(n):
+            if i in scratch:
+                medium, slot = "scratch", scratch[i]
+            else:
+                src = self.effective_src(plan, i, targets)
+                if isinstance(src, torch.Tensor) or src[0] == "stage":
+                    loose.append((i, self.target_tensor(src)))
+                    continue
+                medium, slot = src
+            pos, slots = lists.setdefault(medium, ([], []))
+            pos.append(i)
+            slots.append(slot)
+        groups = {m: (torch.tensor(pos), torch.tensor(slots), len(pos) == n) for m, (pos, slots) in lists.items()}
+        plan.cache[("groups", n)] = (groups, loose)
+        return groups, loose
 
     def promote(self, plan: LoadPlan, good: set[int], targets: dict) -> set[int]:
         """Copy blocks into the memory slots reserved for them; the set whose every slot was filled."""

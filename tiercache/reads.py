@@ -149,7 +149,14 @@ class ReadPath:
             n = len(plan)
             out6 = ll.out.unflatten(2, (n, self._B)) if n else None
             pending, whole = dict(targets), set()
+            if self.engine is None and not pending and n:
+                # CPU, every block in memory: nothing to overlap (the copy competes with compute for the
+                # same cores), so one gather for all layers, then every layer is ready at once
+                self.mover.gather(plan, n, out6, targets)
             for i in range(ll.num_layers):
+                if self.engine is None and not targets:
+                    ll.layer_ready(i)
+                    continue
                 if pending:
                     got = self.mover.fetch(plan, pending, range(i, i + 1), disk_get=get, whole=whole)
                     if len(got) < len(pending):
