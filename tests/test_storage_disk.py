@@ -466,3 +466,42 @@ def test_rwlock_a_waiting_resize_neither_starves_nor_deadlocks_readers():
             lock.acquire_exclusive()
         finally:
             lock.release_read()
+
+
+def test_writemap_on_a_small_filesystem_is_not_sigbus(tmpfs):
+    """disk_writemap writes through the map: a full filesystem used to be SIGBUS. The map is allocated
+    up front, or writemap is turned off when the filesystem cannot hold it."""
+    mnt = tmpfs("3m")
+    r = run_child(CHILD_PRELUDE + f"""
+    disk, rec = open_disk({str(mnt / "store")!r}, cap=64 << 20, writemap=True)
+    for b in range(40):                                    # 5 MiB into 3 MiB
+        disk.write_batch(rows(range(b * 8, b * 8 + 8)))
+    assert disk.available and read_ok(disk, 319) is True
+    print("survived")
+    """)
+    assert r.returncode == 0 and "survived" in r.stdout, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+
+
+def test_a_cache_on_an_unreadable_store_serves_from_memory(tmp_path, caplog):
+    from tiercache import CacheConfig, TierCache
+
+    from .conftest import make_kv, same_bytes
+    lay = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, block_size=4)
+    path = tmp_path / "store"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"garbage!" * 4096)
+    kv = make_kv(lay, 16)
+    with caplog.at_level(logging.WARNING, logger="tiercache"):
+        with TierCache(CacheConfig(layout=lay, model_id="m", host_bytes=8 * lay.block_bytes, disk_path=path)) as c:
+            assert c.store(list(range(16)), kv) == 16
+            c.flush()
+            assert same_bytes(c.load(list(range(16))), kv)
+    (line,) = _log_lines(caplog, "disk tier off")
+    assert f"disk_path={path}" in line
+
+
+def test_an_empty_disk_path_is_a_caller_mistake():
+    from tiercache import CacheConfig
+    lay = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, block_size=4)
+    with pytest.raises(ValueError, match="disk_path"):
+        CacheConfig(layout=lay, disk_path="")

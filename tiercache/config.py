@@ -193,6 +193,8 @@ class CacheConfig:
             if not isinstance(self.disk_path, (str, os.PathLike)):
                 raise TypeError(f"disk_path: expected a path or None, got {type(self.disk_path).__name__}")
             object.__setattr__(self, "disk_path", os.fspath(self.disk_path))
+            if not self.disk_path:
+                raise ValueError("disk_path: expected a directory path (or None to turn the disk tier off), got ''")
         if self.remote_url is not None and (not isinstance(self.remote_url, str)
                                             or not self.remote_url.startswith(REMOTE_SCHEMES)):
             raise ValueError(f"remote_url: expected None or a URL like 'redis://host:6379/0' (also rediss://, "
