@@ -162,24 +162,36 @@ class Mover:
             full = r.start == 0 and r.stop == L
             self.codec.decode_into(frame, as_bytes(out), None if full else r, key=plan.keys[i])
 
-        if len(tasks) == 1:
-            try:
-                one(tasks[0])
-            except Exception as e:
-                errors[tasks[0][0]] = e
+        def run(chunk: list[tuple[int, Any, range]]) -> dict[int, BaseException]:
+            errs: dict[int, BaseException] = {}
+            for task in chunk:
+                try:
+                    one(task)
+                except Exception as e:
+                    errs.setdefault(task[0], e)
+            return errs
+
+        # a few chunks per thread, not one task per block: a thread-pool hop costs more than a small decode
+        nchunks = min(len(tasks), 2 * self._threads)
+        chunks = [tasks[c::nchunks] for c in range(nchunks)]
+        if nchunks == 1:
+            errors.update(run(chunks[0]))
         else:
-            futs = {self._io.submit(one, t): t[0] for t in tasks}
+            futs = {self._io.submit(run, c): c for c in chunks}
             try:
                 cf.wait(futs)
             finally:
                 for f in futs:
                     f.cancel()
                 cf.wait(futs)  # even when interrupted: nothing may write into a slot after we return
-            for f, i in futs.items():
-                if f.cancelled():
-                    errors.setdefault(i, RuntimeError("decode cancelled"))
-                elif f.exception() is not None:
-                    errors.setdefault(i, f.exception())
+            for f, chunk in futs.items():
+                if f.cancelled() or f.exception() is not None:
+                    e = f.exception() if not f.cancelled() else RuntimeError("decode cancelled")
+                    for task in chunk:
+                        errors.setdefault(task[0], e)
+                else:
+                    for i, e in f.result().items():
+                        errors.setdefault(i, e)
         for i, e in errors.items():
             if isinstance(e, CorruptFrame):
                 self._on_corrupt(tier, plan.keys[i], e)
