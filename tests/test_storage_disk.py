@@ -505,3 +505,28 @@ def test_an_empty_disk_path_is_a_caller_mistake():
     lay = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, block_size=4)
     with pytest.raises(ValueError, match="disk_path"):
         CacheConfig(layout=lay, disk_path="")
+
+
+def test_a_cache_on_a_read_only_filesystem_serves_the_store(tmpfs, caplog):
+    from tiercache import CacheConfig, TierCache
+
+    from .conftest import make_kv, same_bytes
+    lay = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, block_size=4)
+    mnt = tmpfs("8m")
+    cfg = CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path=mnt / "store", disk_bytes="4MiB")
+    kv = make_kv(lay, 16)
+    with TierCache(cfg) as c:
+        c.store(list(range(16)), kv)
+        c.flush()
+    if subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot remount read-only")
+    with caplog.at_level(logging.WARNING, logger="tiercache"):
+        with TierCache(cfg.replace(host_bytes=8 * lay.block_bytes)) as c:
+            assert same_bytes(c.load(list(range(16))), kv)          # served from the read-only store
+            other = make_kv(lay, 8, seed=1)
+            assert c.store(list(range(100, 108)), other) == 8       # kept in memory
+            c.flush()
+            assert same_bytes(c.load(list(range(100, 108))), other)
+            assert c.stats()["dropped_writes"]["disk"] >= 1          # what could not go to disk is counted
+    (line,) = _log_lines(caplog, "read-only")
+    assert f"disk_path={mnt / 'store'}" in line
