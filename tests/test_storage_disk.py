@@ -530,3 +530,24 @@ def test_a_cache_on_a_read_only_filesystem_serves_the_store(tmpfs, caplog):
             assert c.stats()["dropped_writes"]["disk"] >= 1          # what could not go to disk is counted
     (line,) = _log_lines(caplog, "read-only")
     assert f"disk_path={mnt / 'store'}" in line
+
+
+def test_corruption_met_by_a_write_turns_the_tier_off_without_hanging(tmp_path):
+    path = tmp_path / "store"
+    size = _make_store(path, n=120)
+    r = run_child(CHILD_PRELUDE + f"""
+    with open({str(path / "data.mdb")!r}, "r+b") as f:
+        for page in range(2, {size} // 4096, 5):            # the store opens; a write meets the damage
+            f.seek(page * 4096)
+            f.write(b"\\xa5" * 4096)
+    disk, rec = open_disk({str(path)!r})
+    assert disk.available
+    for b in range(5):                                      # writes first: the fault is met inside a write
+        disk.write_batch(rows(range(1000 + b * 8, 1008 + b * 8)))
+    assert not disk.available
+    assert [read_ok(disk, i) for i in range(120)] == [None] * 120
+    disk.close()
+    print("survived")
+    """, timeout=60)
+    assert r.returncode == 0 and "survived" in r.stdout, f"rc {r.returncode}: {r.stderr[-2000:]}"
+    assert "corrupt" in r.stderr and f"disk_path={path}" in r.stderr

@@ -117,7 +117,9 @@ class SharedEnv:
         self.writemap = writemap
         self.refs = 1
         self.rw = RWLock()
-        self.wlock = threading.Lock()  # one write transaction (or resize) at a time in this process
+        # one write transaction (or resize) at a time in this process; reentrant, because a fault met
+        # inside a write may close the environment (which takes it again)
+        self.wlock = threading.RLock()
         self.quiet = False  # held still for a fork() in progress
 
     def map_size(self) -> int:
