@@ -289,6 +289,7 @@ def describe_error(e: BaseException) -> tuple[str, str]:
             or "permission denied" in low or isinstance(e, lmdb.ReadonlyError):
         return "readonly", text
     if isinstance(e, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError,
-                      lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError)):
+                      lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.IncompatibleError,
+                      lmdb.BadTxnError)):  # a transaction LMDB broke itself: it met damage it did not name
         return "corrupt", text
     return "io", text
