@@ -132,3 +132,10 @@ def test_block_keys_reference_definition():
     assert got == want and all(type(k) is BlockKey for k in got)
     assert h.block_keys(toks, 16, NS, max_blocks=2) == want[:2]
     assert h.block_keys(toks[:15], 16, NS) == []
+
+
+def test_many_salts_keep_the_namespace_memo_bounded():
+    h = KeyHasher()
+    for i in range(10_000):                                   # one tenant each
+        h.block_keys([1, 2, 3, 4], 4, Namespace("model", NS.layout_fingerprint, salt=f"tenant-{i}"))
+    assert len(h._ns_cache) <= 4097
