@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tiercache demo",
         description="Long-context RAG run: TTFT without and with tiered prefix-KV reuse (host + LMDB disk).")
     p.add_argument("--full", action="store_true", help="the larger workload: 6 documents of 3000 tokens x 5 "
-                   "questions (several minutes on 2 CPU cores; the default is 3 x 1024 x 3)")
+                   "questions, 9x the default's prompt tokens (the default: 3 documents of 1024 x 3)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--model", metavar="PATH", help="local checkpoint dir (model + tokenizer); default: built-in "
