@@ -139,18 +139,28 @@ class WorkerSide:
             try:
                 # a private copy now: vLLM may hand these blocks to another request next step
                 blocks = vllm_pages.gather(self.layers, job.block_ids, self.page_layout)
-                self._saver.submit(self._store, job, blocks)
+                ready = None
+                if blocks.is_cuda:
+                    # to host on the compute stream without waiting for it; the store thread waits on the event
+                    host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+                    host.copy_(blocks, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    blocks = host
+                self._saver.submit(self._store, job, blocks, ready)
             except BaseException:
                 with self._lock:
                     self._queued -= 1
                 raise
 
-    def _store(self, job: SaveJob, blocks: torch.Tensor) -> None:
+    def _store(self, job: SaveJob, blocks: torch.Tensor, ready: Any = None) -> None:
         try:
+            if ready is not None:
+                ready.synchronize()
             n, L = blocks.shape[0], blocks.shape[1]
             kv = blocks.permute(1, 2, 0, 3, 4, 5).reshape(L, 2, n * self.layout.block_size,
                                                           self.layout.num_kv_heads, self.layout.head_dim)
-            self.cache.store(job.tokens, kv.cpu(), salt=job.salt)
+            self.cache.store(job.tokens, kv, salt=job.salt)
             self.counters["saved_tokens"] += len(job.tokens)
             self.stats.count("stored_tokens", (n - job.first_new_block) * self.layout.block_size)
         except Exception:
