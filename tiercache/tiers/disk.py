@@ -419,7 +419,7 @@ class DiskTier:
         if self._batches % 256 == 0:
             self._reader_check(shared)
             self._budget = min(self._budget + self.capacity_bytes // 100, self._initial_budget)
-        for _attempt in range(4):
+        for attempt in range(4):
             try:
                 with shared.env.begin(write=True) as txn:
                     written, gone = self._schema.write(txn, items, deletes, touched, self._budget)
@@ -448,10 +448,14 @@ class DiskTier:
                 self._reader_check(shared)
                 try:
                     evicted += self._shrink(shared.env, items)
+                except lmdb.MapFullError:
+                    # old snapshots (readers of any process) pin every free page, so not even a delete
+                    # fits: give the readers a moment to move on, then try again
+                    time.sleep(0.01 * (attempt + 1))
                 except lmdb.Error as e2:
                     self._fault("store", e2)
                     return None
-                deletes, touched = [], {}
+        self._count("store_dropped")
         return None
 
     def _shrink(self, env: lmdb.Environment, items: list) -> list[BlockKey]:
