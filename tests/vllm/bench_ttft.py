@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model"), ap.add_argument("--store"), ap.add_argument("--out")
     ap.add_argument("--connector", default="none"), ap.add_argument("--phase", default="store")
+    ap.add_argument("--runs", default="none:store,tiercache:store,tiercache:reload,example:store,example:reload,"
+                                      "none:throughput,tiercache:throughput,none:throughput,tiercache:throughput",
+                    help="connector:phase pairs, in order (throughput twice, alternating, against drift)")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -84,18 +87,23 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="tiercache-vllm-bench-"))
     mdir = str(model.build(tmp / "model", num_layers=args.layers))
-    results: dict[str, dict[str, float]] = {}
-    runs = [("none", "store"), ("tiercache", "store"), ("tiercache", "reload"), ("example", "store"),
-            ("example", "reload"), ("none", "throughput"), ("tiercache", "throughput")]
+    results: dict = {}
+    runs = [tuple(r.split(":")) for r in args.runs.split(",")]
+    stores: dict[str, str] = {}
+    stores_made: list[str] = []
     for connector, phase in runs:
         out = tmp / f"{connector}-{phase}.json"
-        store = str(tmp / f"store-{connector}")
+        # every store/throughput run starts from an empty store; a reload reads the last store run's
+        if phase != "reload":
+            stores[connector] = str(tmp / f"store-{connector}-{len(stores_made)}")
+            stores_made.append(stores[connector])
+        store = stores[connector]
         subprocess.run([sys.executable, __file__, "--worker", "--model", mdir, "--store", store, "--out", str(out),
                         "--connector", connector, "--phase", phase, "--tokens", str(args.tokens),
                         "--reps", str(args.reps)], env=engine_env(), check=True, capture_output=True)
         for k, v in json.loads(out.read_text()).items():
-            results[f"{connector}/{k}"] = {"median_ms": round(statistics.median(v) * 1000, 1),
-                                          "min_ms": round(min(v) * 1000, 1)}
+            results.setdefault(f"{connector}/{k}", []).extend(round(x * 1000, 1) for x in v)
+    results = {k: {"median_ms": statistics.median(v), "all_ms": v} for k, v in results.items()}
     print(json.dumps({"layers": args.layers, "tokens": args.tokens, "reps": args.reps, "results": results},
                      indent=1))
 

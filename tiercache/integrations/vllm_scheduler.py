@@ -120,8 +120,9 @@ class SchedulerSide:
         st = self._state(request)
         self.stats.count("lookup_tokens", st.lookup_tokens)  # once per admission, however often it was asked
         st.lookup_tokens = 0
-        # tiercache held these blocks at the lookup: saving them again would only repeat the gather
-        st.saved_blocks = max(st.saved_blocks, st.hit_tokens // self.block_size)
+        # Blocks tiercache held at the lookup, and blocks vLLM's own cache held (offered to tiercache when they
+        # were computed): saving them again would only repeat the gather.
+        st.saved_blocks = max(st.saved_blocks, st.hit_tokens // self.block_size, st.local_tokens // self.block_size)
         if num_external_tokens <= 0:
             return
         B = self.block_size
