@@ -26,20 +26,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-_ERRORS = "Storage faults turned into misses."
-# stats key -> (metric name, documentation, extra labels as (name, value) pairs)
-SERIES: dict[str, tuple[str, str, tuple[tuple[str, str], ...]]] = {
-    "lookup_tokens": ("tiercache_lookup_tokens_total", "Prompt tokens looked up in tiercache.", ()),
-    **{f"hit_tokens.{t}": ("tiercache_hit_tokens_total", "Prompt tokens loaded from tiercache, by tier.",
-                           (("tier", t),)) for t in ("host", "disk", "remote")},
-    "stored_tokens": ("tiercache_stored_tokens_total", "Tokens of new full blocks saved to tiercache.", ()),
-    "dropped_saves": ("tiercache_dropped_writes_total", "Blocks not saved: the save queue was full.",
-                      (("tier", "host"),)),
-    "load_errors": ("tiercache_errors_total", _ERRORS, (("tier", "host"), ("op", "load"))),
-    "save_errors": ("tiercache_errors_total", _ERRORS, (("tier", "host"), ("op", "store"))),
-    "recomputed_blocks": ("tiercache_recomputed_blocks_total",
-                          "Blocks a lookup offered that the worker could not serve; vLLM recomputed them.", ()),
-}
+from .vllm_series import SERIES
 
 
 @dataclass
