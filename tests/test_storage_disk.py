@@ -551,3 +551,43 @@ def test_corruption_met_by_a_write_turns_the_tier_off_without_hanging(tmp_path):
     """, timeout=60)
     assert r.returncode == 0 and "survived" in r.stdout, f"rc {r.returncode}: {r.stderr[-2000:]}"
     assert "corrupt" in r.stderr and f"disk_path={path}" in r.stderr
+
+
+def test_an_unwritable_directory_is_served_read_only_or_turned_off(tmp_path):
+    """Permissions, not the filesystem: the store's directory cannot be written by this user."""
+    path = tmp_path / "store"
+    _make_store(path, n=5)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for p in (path, blocked):
+        os.chmod(p, 0o500)
+    os.chmod(path / "data.mdb", 0o400)
+    os.chmod(path / "lock.mdb", 0o400)
+    argv = [sys.executable]
+    if os.geteuid() == 0:                                   # root ignores permission bits unless it drops this
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+        argv = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                "--bounding-set=-dac_override,-dac_read_search", sys.executable]
+    code = textwrap.dedent(CHILD_PRELUDE + f"""
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    disk, rec = open_disk({str(path)!r})
+    assert disk.available and disk.readonly
+    assert all(read_ok(disk, i) for i in range(5))
+    assert disk.write_batch(rows([9]))[2] == [key(9)]
+    new, _ = open_disk({str(blocked / "store")!r})
+    assert not new.available
+    print("ok")
+    """)
+    r = subprocess.run(argv + ["-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for p in (path, blocked):
+        os.chmod(p, 0o700)
+    if r.returncode and "Operation not permitted" in r.stderr and "setpriv" in r.stderr:
+        pytest.skip("setpriv is not permitted here")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    ro = [ln for ln in r.stderr.splitlines() if "read-only" in ln]
+    off = [ln for ln in r.stderr.splitlines() if "disk tier off" in ln]
+    assert len(ro) == 1 and f"disk_path={path}" in ro[0]
+    assert len(off) == 1 and f"disk_path={blocked / 'store'}" in off[0]
