@@ -431,3 +431,15 @@ def test_real_cache_scripted_workload_gives_exact_counts(tmp_path):
             assert s["evictions"][name] == _v(reg, "tiercache_evictions_total", tier=name)
             assert s["used_bytes"][name] == _v(reg, "tiercache_used_bytes", tier=name)
     assert _v(reg, "tiercache_lookup_tokens_total") is None  # close() unregistered the series
+
+
+def test_every_op_the_tiers_count_is_a_valid_label():
+    """The tiers count faults by op name; PromMetrics refuses unknown names (it would lose the count)."""
+    import re
+
+    from tiercache.metrics import ERROR_OPS
+    src = "".join(p.read_text() for p in (REPO / "tiercache" / "tiers").glob("*.py"))
+    src += (REPO / "tiercache" / "mover.py").read_text()
+    used = set(re.findall(r'(?:_count|_fault|_off|_failed)\("([a-z_]+)"', src))
+    used |= set(re.findall(r'recorder\.error\("[a-z]+", "([a-z_]+)"', src))
+    assert used and used <= set(ERROR_OPS), used - set(ERROR_OPS)

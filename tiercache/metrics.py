@@ -30,7 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from .stats import PREFETCH_OUTCOMES, TIERS
 
 ERROR_OPS = ("lookup", "store", "load", "prefetch", "evict", "delete", "open", "keys", "stats", "spill",
-             "store_map_full")  # the `op` label of errors_total
+             "store_map_full", "store_dropped")  # the `op` label of errors_total
 # 10 µs .. 10 s: a host hit on one block is tens of µs, a cold disk batch or a Redis round trip can take seconds.
 LATENCY_BUCKETS = (1e-05, 2.5e-05, 5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
