@@ -243,3 +243,27 @@ def test_load_only_users_see_served_tokens(tmp_path):
         c.load(list(range(16)))
         s = c.stats()
         assert s["loaded_tokens"]["host"] == 16 and s["lookup_tokens"] == 0
+
+
+def test_remote_restarted_empty_gets_blocks_again(tmp_path):
+    """The core remembers what the server holds; a server that comes back empty must be refilled."""
+    from tests.test_remote import REDIS, RedisServer
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis")
+    server = RedisServer(tmp_path)
+    try:
+        cfg = CacheConfig(layout=L, host_bytes=0, remote_url=server.url)
+        with TierCache(cfg) as c:
+            c.store(list(range(8)), kv(8))
+            c.flush()
+            assert c.stats()["stored_bytes"]["remote"] == 2 * L.block_bytes
+            server.client.flushall()                     # the server lost everything
+            assert c.load(list(range(8))).shape[2] == 0  # a miss, and the core forgets those blocks
+            assert c.store(list(range(8)), kv(8)) == 8
+            c.flush()
+            assert c.stats()["stored_bytes"]["remote"] == 4 * L.block_bytes  # sent again
+        with TierCache(cfg) as c:
+            assert torch.equal(c.load(list(range(8))), kv(8))
+    finally:
+        server.stop()

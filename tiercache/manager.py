@@ -83,14 +83,15 @@ class TierCache:
             {t: s.num_slots for t, s in self.slabs.items()}, eviction=cfg.eviction, admission=cfg.admission,
             write_policy=cfg.write_policy, stage_limit=cfg.write_queue_blocks, events=self.recorder,
             disk=_disk_index(self.disk) if self.disk is not None else None,
-            remote=RemoteIndex(self.remote.exists_many) if self.remote is not None else None,
+            remote=RemoteIndex(self.remote.exists_many, epoch=lambda: getattr(self.remote, "outages", 0))
+            if self.remote is not None else None,
             on_stage_free=self.staging.release)
         self._io = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="tiercache-io")
         # CUDA: copies a worker thread issues go through the engine, ordered after the caller's stream
         self.engine = TransferEngine(cfg.device, cfg.io_threads) if cfg.device.type == "cuda" else None
         self.mover = Mover(layout, self.slabs, self.staging, disk=self.disk, remote=self.remote, codec=self.codec,
                            io=self._io, io_threads=cfg.io_threads, recorder=self.recorder, log=self._log,
-                           on_corrupt=self._corrupt)
+                           on_corrupt=self._corrupt, on_missing=self.core.slow_removed)
         self._writer = None
         self._gate = EvictionGate()
         if self.disk is not None or self.remote is not None:

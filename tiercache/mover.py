@@ -35,7 +35,9 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 class Mover:
     def __init__(self, layout: KVLayout, slabs: dict[str, MemorySlab], staging: StagingArea, *, disk: Any,
                  remote: Any, codec: Any, io: cf.ThreadPoolExecutor, io_threads: int, recorder: Any,
-                 log: OnceLogger, on_corrupt: Callable[[str, Any, Exception], None]) -> None:
+                 log: OnceLogger, on_corrupt: Callable[[str, Any, Exception], None],
+                 on_missing: Callable[[str, list], None] | None = None) -> None:
+        self._on_missing = on_missing or (lambda tier, keys: None)
         self.layout = layout
         self.slabs = slabs
         self.staging = staging
@@ -124,15 +126,22 @@ class Mover:
         if by_tier.get("disk"):
             idx = by_tier["disk"]
             with self.disk.reader() if disk_get is None else nullcontext(disk_get) as get:
-                items = []
+                items, gone = [], []
                 for i in idx:
                     f = get(plan.keys[i])
-                    if f is not None:  # gone (another process evicted it): a miss
+                    if f is not None:
                         items.append((i, f))
+                    else:  # gone (another process evicted it): a miss, and no longer in the index
+                        gone.append(plan.keys[i])
+                if gone:
+                    self._on_missing("disk", gone)
                 good |= self._decode(plan, "disk", items, targets, layers, whole)
         if by_tier.get("remote"):
             idx = by_tier["remote"]
             frames = self.remote.get_many([plan.keys[i] for i in idx])
+            gone = [plan.keys[i] for i, f in zip(idx, frames) if f is None]
+            if gone:  # evicted by the server, or it restarted empty
+                self._on_missing("remote", gone)
             good |= self._decode(plan, "remote", [(i, f) for i, f in zip(idx, frames) if f is not None],
                                  targets, layers, whole)
         return good

@@ -175,12 +175,13 @@ class WriteBehind:
             if any(b is False for b in batch):
                 return
 
-    def _report(self, job: WriteJob, results: dict[str, bool]) -> None:
+    def _report(self, job: WriteJob, results: dict[str, bool], counted: frozenset = frozenset()) -> None:
+        """Hand a job's outcome to the core; drops are counted here unless the tier counted them itself."""
         if getattr(job, "_reported", False):
             return
         job._reported = True  # type: ignore[attr-defined]
         for d, ok in results.items():
-            if not ok:
+            if not ok and d not in counted:
                 self.recorder.dropped_write(d)
         self._done(job, results)
 
@@ -196,6 +197,7 @@ class WriteBehind:
         if not jobs:
             return
         results: dict[int, dict[str, bool]] = {id(j): {} for j in jobs}
+        disk_dropped: set = set()
         remote_jobs = [j for j in jobs if "remote" in j.dests]
         if remote_jobs:  # blocks the server already has are neither encoded nor sent again
             have = self.remote.exists_many([j.key for j in remote_jobs])
@@ -211,7 +213,7 @@ class WriteBehind:
         if disk_jobs:
             rows = [(j.key, by_job[id(j)], *(j.tag or (b"\0" * 8, {"model_id": "unknown"}))) for j in disk_jobs]
             t1 = time.perf_counter()
-            written = self._disk_write(rows, [])
+            written, disk_dropped = self._disk_write(rows, [])
             seconds = (time.perf_counter() - t1 + encoded) / max(len(disk_jobs), 1)
             block_bytes = self.disk.layout.block_bytes
             for j in disk_jobs:
@@ -231,16 +233,19 @@ class WriteBehind:
                     self.recorder.stored("remote", self._source(j).numel() * self._source(j).element_size(),
                                          seconds)
         for j in jobs:
-            self._report(j, results[id(j)])
+            # the disk tier counts the writes it dropped itself
+            self._report(j, results[id(j)], frozenset(("disk",)) if j.key in disk_dropped else frozenset())
 
     def _disk_has(self, key: Any) -> bool:
         return bool(self.disk.count_each([key])[0])
 
-    def _disk_write(self, rows: list, deletes: list) -> set:
+    def _disk_write(self, rows: list, deletes: list) -> tuple[set, set]:
+        """Commit rows and deletes; (written and still there, dropped by the disk tier)."""
         with self.gate.exclusive():  # no load plans while blocks may vanish and the index catches up
             out = self.disk.write_batch(rows, deletes)
             written, evicted = out[0], out[1]
+            dropped = set(out[2]) if len(out) > 2 else set()
             counter = self.disk.change_counter() if hasattr(self.disk, "change_counter") else None
             self._disk_changed(list(written), list(evicted) + list(deletes), counter)
         self.recorder.evicted("disk", len(evicted))
-        return set(written) - set(evicted)  # a batch can evict what it wrote earlier in the same batch
+        return set(written) - set(evicted), dropped  # a batch can evict what it wrote earlier in it

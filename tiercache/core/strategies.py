@@ -101,17 +101,24 @@ class RemoteIndex:
 
     name = "remote"
 
-    def __init__(self, exists_many: Callable[[list[Key]], list[bool]], memory: int = 1 << 18) -> None:
+    def __init__(self, exists_many: Callable[[list[Key]], list[bool]], memory: int = 1 << 18,
+                 epoch: Callable[[], int] | None = None) -> None:
         self._exists_many = exists_many
         self._known: OrderedDict[Key, None] = OrderedDict()
         self._memory = memory
+        self._epoch = epoch  # bumps when the server was unreachable: it may have restarted empty
+        self._seen_epoch = epoch() if epoch is not None else 0
 
     def known(self, key: Key) -> bool:
+        if self._epoch is not None and self._epoch() != self._seen_epoch:
+            self._seen_epoch = self._epoch()
+            self._known.clear()
         return key in self._known
 
     def contains_many(self, keys: list[Key]) -> list[bool]:
         out = self._exists_many(keys) if keys else []
         self.added(k for k, hit in zip(keys, out) if hit)
+        self.removed(k for k, hit in zip(keys, out) if not hit)
         return out
 
     def added(self, keys: Iterable[Key]) -> None:

@@ -70,6 +70,7 @@ class RemoteTier:
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._down_until = 0.0
+        self.outages = 0
         self._backoff = 0.0
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
@@ -109,6 +110,7 @@ class RemoteTier:
             return
         self._backoff = min(max(self._backoff * 2, BACKOFF_FIRST_S), BACKOFF_MAX_S)
         self._down_until = time.monotonic() + self._backoff
+        self.outages += 1  # the server may come back empty: what we knew it held is no longer sure
         if self.cluster and self._client is not None:
             self._client = None  # rediscover the nodes when the cluster is back
         self._count(op)
