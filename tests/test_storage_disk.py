@@ -591,3 +591,77 @@ def test_an_unwritable_directory_is_served_read_only_or_turned_off(tmp_path):
     off = [ln for ln in r.stderr.splitlines() if "disk tier off" in ln]
     assert len(ro) == 1 and f"disk_path={path}" in ro[0]
     assert len(off) == 1 and f"disk_path={blocked / 'store'}" in off[0]
+
+
+# -- compression="auto": measured once per store, recorded there, reported ------------------------
+
+def test_auto_compression_is_measured_once_recorded_and_reused(tmp_path, monkeypatch):
+    from tiercache.tiers import disk_probe
+    disk, _ = open_disk(tmp_path)
+    assert disk.recorded_codec() is None
+    chosen = disk.compression_for("auto")
+    rec = disk.recorded_codec()
+    assert chosen == rec["chosen"] in ("byteplane", "none") and disk.codec_choice["chosen"] == chosen
+    assert rec["decode_gbps_per_core"] > 0 and rec["ratio"] > 1.0 and rec["cores"] >= 1
+    assert rec["read_gbps"] is None or rec["read_gbps"] > 0
+    assert not os.path.exists(tmp_path / disk_probe.PROBE_FILE)  # the read probe's file is gone
+    disk.close()
+
+    def no_probe(_path):
+        raise AssertionError("a store that recorded its choice is not measured again")
+    monkeypatch.setattr(disk_probe, "decide", no_probe)
+    disk, _ = open_disk(tmp_path)
+    assert disk.compression_for("auto") == chosen and disk.recorded_codec() == rec
+    for explicit in ("none", "byteplane", "zstd"):  # an explicit setting wins over the record
+        assert disk.compression_for(explicit) == explicit
+        assert disk.codec_choice["chosen"] == explicit and disk.codec_choice["configured"] == explicit
+    disk.close()
+    from tiercache.inspect_store import render, summarize
+    s = summarize(str(tmp_path))
+    assert s["disk_codec"] == rec and f"auto codec   {chosen}" in render(s)
+
+
+def test_auto_compression_first_record_wins(tmp_path, monkeypatch):
+    from tiercache.tiers import disk_probe
+    a, _ = open_disk(tmp_path)
+    b, _ = open_disk(tmp_path)  # another user of the store (same process: shared environment)
+    monkeypatch.setattr(disk_probe, "decide", lambda _p: {"chosen": "none", "why": "first"})
+    assert a.compression_for("auto") == "none"
+    b._record_codec({"chosen": "byteplane", "why": "second"})  # raced and lost
+    assert b.compression_for("auto") == "none" and b.recorded_codec()["why"] == "first"
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("first", ["none", "byteplane"])
+def test_frames_of_both_codecs_in_one_store_load_bit_exact(tmp_path, monkeypatch, first):
+    from tiercache import CacheConfig, TierCache
+    from tiercache.tiers import disk_probe
+    lay = KVLayout(num_layers=2, num_kv_heads=8, head_dim=64, dtype=torch.bfloat16, block_size=16)
+    monkeypatch.setattr(disk_probe, "decide", lambda _p: {"chosen": first, "why": "test"})
+    second = "byteplane" if first == "none" else "none"
+
+    def kv(i):
+        return torch.randn(lay.kv_shape(32), generator=torch.Generator().manual_seed(i)).to(lay.dtype)
+
+    def cfg(compression):
+        return CacheConfig(layout=lay, host_bytes=0, disk_path=str(tmp_path), disk_bytes="16MiB",
+                           compression=compression)
+    with TierCache(cfg("auto")) as c:
+        c.store(list(range(32)), kv(0))
+        c.flush()
+        assert c.stats()["disk_codec"]["chosen"] == first
+    with TierCache(cfg(second)) as c:  # explicit: wins over the store's record
+        assert c.stats()["disk_codec"]["chosen"] == second
+        c.store(list(range(100, 132)), kv(1))
+        c.flush()
+    disk = DiskTier(str(tmp_path), lay, 16 << 20)
+    from tiercache.codec import read_header
+    with disk.reader() as get:
+        kinds = {read_header(get(k))["codec"] for k in disk.keys()}
+    disk.close()
+    assert kinds == {"none", "byteplane"}
+    with TierCache(cfg("auto")) as c:
+        assert c.stats()["disk_codec"]["chosen"] == first  # the record, not a new measurement
+        assert torch.equal(c.load(list(range(32))), kv(0))
+        assert torch.equal(c.load(list(range(100, 132))), kv(1))

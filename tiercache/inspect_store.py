@@ -63,6 +63,7 @@ def summarize(path: str) -> dict:
             "map_size": env_info["map_size"],
             "file_pages_in_use": env_info["last_pgno"] + 1,
             "page_size": stat["psize"],
+            "disk_codec": disk.recorded_codec(),
             "oldest_access": oldest,
             "newest_access": newest,
             "namespaces": [
@@ -74,6 +75,16 @@ def summarize(path: str) -> dict:
     finally:
         disk.close()
     return out
+
+
+def _fmt_codec(c: dict | None) -> str:
+    if not c:
+        return "not measured (no cache with compression=\"auto\" has written here)"
+    read = c.get("read_gbps")
+    figures = (f"decode {c['decode_gbps_per_core']:.2f} GB/s per core x {c.get('cores')} cores, "
+               f"disk read {'?' if read is None else f'{read:.2f}'} GB/s, ratio {c['ratio']:.2f}x; "
+               if "decode_gbps_per_core" in c else "")
+    return f"{c['chosen']} ({figures}{c.get('why', '')})"
 
 
 def render(s: dict) -> str:
@@ -88,6 +99,7 @@ def render(s: dict) -> str:
         f"against capacity); ratio {s['compression_ratio']:.2f}x",
         f"  LMDB file    {_fmt_bytes(s['file_pages_in_use'] * s['page_size'])} in use of a "
         f"{_fmt_bytes(s['map_size'])} map",
+        f"  auto codec   {_fmt_codec(s.get('disk_codec'))}",
         f"  accessed     oldest {_fmt_time(s['oldest_access'])}, newest {_fmt_time(s['newest_access'])}",
         "  namespaces:",
         f"    {'id':<18} {'model':<24} {'tp':>5} {'salted':>6} {'blocks':>8} {'raw':>11} {'disk':>11} {'ratio':>6}",

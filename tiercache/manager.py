@@ -74,7 +74,7 @@ class TierCache:
             self.remote = _open_remote(RemoteTier, cfg, self._log, self.recorder)
         self.tiers = tuple(t for t in tiers if t not in ("disk", "remote") or getattr(self, t) is not None)
         self.codec = BlockCodec(layout.fingerprint(), layout.itemsize, layout.num_layers,
-                                cfg.compression, cfg.zstd_level)
+                                _disk_compression(self.disk, cfg.compression), cfg.zstd_level)
         cuda = torch.cuda.is_available()
         self.slabs = {t: MemorySlab(t, layout, slots[t], cfg.device if t == "device" else torch.device("cpu"),
                                     pin=cuda and t == "host") for t in ("device", "host") if slots[t]}
@@ -346,7 +346,13 @@ class TierCache:
                 max(out["used_bytes"]["disk"], 1)
         out["pending_disk_writes"] = self._writer.pending() if self._writer is not None else 0
         out["in_flight"] = self.core.in_flight()
+        out["disk_codec"] = getattr(self.disk, "codec_choice", None)  # compression="auto": choice and figures
         return out
+
+
+def _disk_compression(disk: Any, configured: str) -> str:
+    """compression="auto" resolved by the disk tier (measured once per store and recorded there)."""
+    return disk.compression_for(configured) if hasattr(disk, "compression_for") else configured
 
 
 def _open_disk(cls: Any, cfg: CacheConfig, layout: Any, log: OnceLogger, recorder: Recorder) -> Any:

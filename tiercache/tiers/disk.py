@@ -81,6 +81,7 @@ class DiskTier:
         self._parked: lmdb_env.SharedEnv | None = None
         self._gen = lmdb_env.generation()
         self._batches = 0
+        self.codec_choice: dict | None = None  # what compression="auto" chose here, and the figures (see disk_probe)
         try:
             self._open()
         except ValueError:
@@ -199,6 +200,51 @@ class DiskTier:
             if have is None and not self.readonly:
                 txn.put(b"format", FORMAT, db=info)
                 txn.put(b"layout", want, db=info)
+
+    def compression_for(self, configured: str) -> str:
+        """The compression frames for this store are written with: `configured`, or under "auto" the choice
+        recorded in the store (measured and recorded by the first writable open that asks; see disk_probe).
+
+        Sets `codec_choice` (reported by TierCache.stats()["disk_codec"] and `tiercache inspect`).
+        """
+        record = self.recorded_codec()
+        if configured == "auto" and record is None and self._state() is not None and not self.readonly:
+            from . import disk_probe
+            try:
+                measured = disk_probe.decide(self.path)
+            except Exception as e:  # a probe that fails must not cost the tier: keep compressing
+                measured = {"chosen": "byteplane", "why": f"the probe failed ({e}): disk space is kept"}
+            record = self._record_codec(measured)
+        if configured == "auto":
+            chosen = record["chosen"] if record is not None else "byteplane"
+        else:
+            chosen = configured
+        self.codec_choice = {**(record or {}), "configured": configured, "chosen": chosen}
+        return chosen
+
+    def recorded_codec(self) -> dict | None:
+        """The choice and figures compression="auto" recorded in the store (None if none was)."""
+        with self._read_txn(b"info", "stats") as txn:
+            if txn is None:
+                return None
+            try:
+                raw = txn.get(b"codec")
+                return json.loads(bytes(raw)) if raw is not None else None
+            except (lmdb.Error, ValueError):
+                return None
+
+    def _record_codec(self, measured: dict) -> dict:
+        """Record `measured` unless another process recorded its own first: the first record wins."""
+        shared = self._state()
+        if shared is None:
+            return measured
+        try:
+            with shared.wlock, shared.env.begin(write=True, db=self._dbs[b"info"]) as txn:
+                if txn.put(b"codec", json.dumps(measured, sort_keys=True).encode(), overwrite=False):
+                    return measured
+                return json.loads(bytes(txn.get(b"codec")))
+        except (lmdb.Error, ValueError):
+            return measured  # not recorded (a full or damaged store): the next open measures again
 
     def _release_quietly(self) -> None:
         shared, self._shared = self._shared, None
