@@ -34,7 +34,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.connector == "tiercache":
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="TierCacheConnector", kv_connector_module_path="tiercache.integrations.vllm",
-            kv_role="kv_both", kv_connector_extra_config={"disk_path": args.store, "host_bytes": "1GiB"})
+            kv_role="kv_both",
+            kv_connector_extra_config={"disk_path": args.store, "host_bytes": "1GiB", **json.loads(args.extra)})
     elif args.connector == "example":
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
                                                     kv_connector_extra_config={"shared_storage_path": args.store})
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model"), ap.add_argument("--store"), ap.add_argument("--out")
     ap.add_argument("--connector", default="none"), ap.add_argument("--phase", default="store")
+    ap.add_argument("--extra", default="{}", help="more kv_connector_extra_config for tiercache, as JSON")
     ap.add_argument("--runs", default="none:store,tiercache:store,tiercache:reload,example:store,example:reload,"
                                       "none:throughput,tiercache:throughput,none:throughput,tiercache:throughput",
                     help="connector:phase pairs, in order (throughput twice, alternating, against drift)")
@@ -100,7 +102,8 @@ def main() -> None:
         store = stores[connector]
         subprocess.run([sys.executable, __file__, "--worker", "--model", mdir, "--store", store, "--out", str(out),
                         "--connector", connector, "--phase", phase, "--tokens", str(args.tokens),
-                        "--reps", str(args.reps)], env=engine_env(), check=True, capture_output=True)
+                        "--reps", str(args.reps), "--extra", args.extra], env=engine_env(), check=True,
+                       capture_output=True)
         for k, v in json.loads(out.read_text()).items():
             results.setdefault(f"{connector}/{k}", []).extend(round(x * 1000, 1) for x in v)
     results = {k: {"median_ms": statistics.median(v), "all_ms": v} for k, v in results.items()}
