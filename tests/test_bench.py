@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 
-from tiercache import bench
-from tiercache.bench import e2e, peers
+from tiercache.tools import bench
+from tiercache.tools.bench import e2e, peers
 
 TINY = ["--chunks", "2", "--rounds", "2", "--warmup", "1", "--layers", "2", "--scale-sizes", "128,256",
         "--e2e", "tiny", "--quiet"]
@@ -230,7 +230,7 @@ def test_cli_dispatch_help(capsys):
 
 def test_default_run_prints_only_and_never_drops_the_machine_cache(tmp_path, monkeypatch, capsys):
     """Without --out nothing is written; without --drop-caches /proc/sys/vm/drop_caches is never opened."""
-    from tiercache.bench import protocol
+    from tiercache.tools.bench import protocol
 
     opened: list[str] = []
 
@@ -254,7 +254,7 @@ def test_default_run_prints_only_and_never_drops_the_machine_cache(tmp_path, mon
 
 
 def test_drop_caches_only_when_asked(tmp_path, monkeypatch):
-    from tiercache.bench import protocol
+    from tiercache.tools.bench import protocol
 
     opened: list[str] = []
 
@@ -275,7 +275,7 @@ def test_drop_caches_only_when_asked(tmp_path, monkeypatch):
 
 
 def test_an_added_section_is_measured_and_rendered(tmp_path, monkeypatch, capsys):
-    from tiercache.bench import command
+    from tiercache.tools.bench import command
 
     def rows(cfg, log):
         return [{"row": "per block", "us": 1.5, "verified": True}]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 pytest.importorskip("transformers")
-from tiercache import demo  # noqa: E402
-from tiercache.workload import make_rag_workload  # noqa: E402
+from tiercache.tools import demo  # noqa: E402
+from tiercache.tools.workload import make_rag_workload  # noqa: E402
 
 
 def common_blocks(a, b, block: int) -> int:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tiercache import CacheConfig, KVLayout, TierCache
-from tiercache.plan import (
+from tiercache.policy import EVICTION_POLICIES
+from tiercache.tools.plan import (
     ModelShape,
     TierReplay,
     disk_block_cost,
@@ -19,9 +20,8 @@ from tiercache.plan import (
     size_tiers,
     unbounded_hit_rate,
 )
-from tiercache.plan.replay import read_trace
-from tiercache.policy import EVICTION_POLICIES
-from tiercache.workload import make_rag_workload, write_jsonl
+from tiercache.tools.plan.replay import read_trace
+from tiercache.tools.workload import make_rag_workload, write_jsonl
 
 GiB = 2**30
 

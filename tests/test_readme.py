@@ -65,7 +65,8 @@ def commands() -> list[list[str]]:
 @pytest.mark.parametrize("argv", commands(), ids=lambda a: " ".join(a)[:60])
 def test_command_lines_parse(argv):
     """Each command line the README shows is accepted by that command's own parser."""
-    from tiercache import bench, cli, demo, plan
+    from tiercache import cli
+    from tiercache.tools import bench, demo, plan
 
     cmd, rest = argv[0], argv[1:]
     assert cmd in cli._COMMANDS, f"README shows an unknown command: {cmd}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tiercache.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, ByteTokenizer
-from tiercache.workload import make_rag_workload
+from tiercache.tools.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, ByteTokenizer
+from tiercache.tools.workload import make_rag_workload
 
 
 def test_same_seed_same_workload_and_other_seed_differs():
@@ -88,13 +88,13 @@ def test_workload_module_writes_a_trace(tmp_path):
     import sys
 
     out = tmp_path / "trace.jsonl"
-    p = subprocess.run([sys.executable, "-m", "tiercache.workload", "--out", str(out), "--documents", "2",
+    p = subprocess.run([sys.executable, "-m", "tiercache.tools.workload", "--out", str(out), "--documents", "2",
                         "--questions", "2", "--doc-tokens", "64", "--system-tokens", "16"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     w = make_rag_workload(seed=0, num_documents=2, questions_per_document=2, document_tokens=64, system_tokens=16)
     assert [r["token_ids"] for r in rows] == [list(r.token_ids) for r in w.requests]
-    bad = subprocess.run([sys.executable, "-m", "tiercache.workload", "--out", str(out), "--documents", "0"],
+    bad = subprocess.run([sys.executable, "-m", "tiercache.tools.workload", "--out", str(out), "--documents", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "num_documents" in bad.stderr

@@ -110,7 +110,7 @@ class Progress:
 def _builtin_model(args: argparse.Namespace, torch: Any) -> tuple[Any, Any, dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .tokenizer import ByteTokenizer
+    from tiercache.tools.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     if args.hidden % 64:
@@ -222,9 +222,9 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    from . import CacheConfig, TierCache
-    from .integrations.hf import FirstTokenClock, TierCachedLM, layout_for_model, with_clock
-    from .workload import make_rag_workload
+    from tiercache import CacheConfig, TierCache
+    from tiercache.integrations.hf import FirstTokenClock, TierCachedLM, layout_for_model, with_clock
+    from tiercache.tools.workload import make_rag_workload
 
     transformers.logging.set_verbosity_error()
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import transformers  # noqa: F401  (the optional extra the demo's model needs)
     except ModuleNotFoundError as e:
-        from .cli import missing_extra_message
+        from tiercache.cli import missing_extra_message
 
         print(missing_extra_message("tiercache demo", e) or f"tiercache demo: error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .tokenizer import ByteTokenizer
+from tiercache.tools.tokenizer import ByteTokenizer
 
 _WORDS = (
     "the cache layer stores key value blocks for each prefix and returns them when a later prompt shares the "

@@ -14,11 +14,11 @@ One command, everything measured in the same run (see benchmarks/README.md for t
 
 from __future__ import annotations
 
-from .command import main, parse_args, run
-from .goals import GOALS, judge
-from .protocol import CHUNK_TOKENS, FULL, QUICK, BenchConfig, realistic_kv, uniform_kv
-from .report import render_markdown
-from .tiers import BOUNDS, LOOKUP_ROWS, ROW_ORDER
+from tiercache.tools.bench.command import main, parse_args, run
+from tiercache.tools.bench.goals import GOALS, judge
+from tiercache.tools.bench.protocol import CHUNK_TOKENS, FULL, QUICK, BenchConfig, realistic_kv, uniform_kv
+from tiercache.tools.bench.report import render_markdown
+from tiercache.tools.bench.tiers import BOUNDS, LOOKUP_ROWS, ROW_ORDER
 
 __all__ = ["main", "run", "parse_args", "BenchConfig", "QUICK", "FULL", "CHUNK_TOKENS", "realistic_kv",
            "uniform_kv", "GOALS", "judge", "render_markdown", "BOUNDS", "ROW_ORDER", "LOOKUP_ROWS"]

@@ -12,13 +12,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .e2e import measure_e2e
-from .goals import judge
-from .peers import peer_lookup_rows, peer_rows, run_peers
-from .protocol import CHUNK_TOKENS, E2E_SIZES, FULL, QUICK, BenchConfig, CpuWatch, realistic_kv, summary
-from .report import code_state, machine_info, render_markdown
-from .scale import measure_scale
-from .tiers import LOOKUP_ROWS, measure_footprint, measure_tiers, throughput_rows
+from tiercache.tools.bench.e2e import measure_e2e
+from tiercache.tools.bench.goals import judge
+from tiercache.tools.bench.peers import peer_lookup_rows, peer_rows, run_peers
+from tiercache.tools.bench.protocol import (
+    CHUNK_TOKENS,
+    E2E_SIZES,
+    FULL,
+    QUICK,
+    BenchConfig,
+    CpuWatch,
+    realistic_kv,
+    summary,
+)
+from tiercache.tools.bench.report import code_state, machine_info, render_markdown
+from tiercache.tools.bench.scale import measure_scale
+from tiercache.tools.bench.tiers import LOOKUP_ROWS, measure_footprint, measure_tiers, throughput_rows
 
 DESCRIPTION = ("measure tiercache's tiers against memcpy and raw file reads, LMCache, SGLang and file formats, "
                "and TTFT end to end, in the same run")
@@ -39,7 +48,7 @@ SECTIONS: list[Section] = []
 
 
 def _core_section(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
-    from .core import core_rows
+    from tiercache.tools.bench.core import core_rows
     log("core: cost per block of lookup, store, load and layer-wise load; eviction at scale")
     return core_rows(quick=cfg.chunks < 32)
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import CacheConfig, KVLayout
-from ..policy import make_eviction_policy
+from tiercache.config import CacheConfig, KVLayout
+from tiercache.policy import make_eviction_policy
 
 
 def _best(fn: Callable[[], object], reps: int) -> float:
@@ -31,7 +31,7 @@ def _best(fn: Callable[[], object], reps: int) -> float:
 
 
 def _rows_for(block_size: int, blocks: int, reps: int) -> list[dict]:
-    from ..manager import TierCache
+    from tiercache.manager import TierCache
     layout = KVLayout(num_layers=32, num_kv_heads=1, head_dim=8, dtype=torch.float16, block_size=block_size)
     T = blocks * block_size
     tokens = list(range(T))

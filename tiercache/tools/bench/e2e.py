@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from ..config import CacheConfig
-from .protocol import BenchConfig, drop_from_page_cache, resident_fraction, summary
+from tiercache.config import CacheConfig
+from tiercache.tools.bench.protocol import BenchConfig, drop_from_page_cache, resident_fraction, summary
 
 VLLM_ROW = "not measured by tiercache bench: the vLLM connector runs in its own venv (tests/vllm)"
 TINY = {"layers": 2, "hidden": 128, "documents": 2, "questions": 2, "document_tokens": 160, "system_tokens": 48}
@@ -43,7 +43,7 @@ TIERS = ("host", "disk, page cache dropped", "disk, page cache warm")
 
 def e2e_sizes(size: str) -> dict:
     """Model and workload sizes: the demo's default workload (`quick`), its --full one (`full`), or `tiny`."""
-    from .. import demo
+    from tiercache.tools import demo
 
     if size == "tiny":
         return dict(TINY)
@@ -55,9 +55,9 @@ def e2e_sizes(size: str) -> dict:
 
 def _build(cfg: BenchConfig, sizes: dict) -> tuple[Any, Any, dict, Any]:
     """The demo's built-in model (random init from a config) and its RAG workload."""
-    from .. import demo
-    from ..integrations.hf import layout_for_model
-    from ..workload import make_rag_workload
+    from tiercache.integrations.hf import layout_for_model
+    from tiercache.tools import demo
+    from tiercache.tools.workload import make_rag_workload
 
     args = demo.build_parser().parse_args(["--seed", str(cfg.seed), "--layers", str(sizes["layers"]),
                                            "--hidden", str(sizes["hidden"])])
@@ -73,8 +73,8 @@ class _Run:
     """One end-to-end measurement: the caches, the probes of a request, and the samples they record."""
 
     def __init__(self, cfg: BenchConfig, workdir: str) -> None:
-        from ..integrations.hf import TierCachedLM
-        from ..manager import TierCache
+        from tiercache.integrations.hf import TierCachedLM
+        from tiercache.manager import TierCache
 
         self.cfg = cfg
         self.sizes = e2e_sizes(cfg.e2e)
@@ -116,8 +116,8 @@ class _Run:
 
     def populate(self) -> None:
         """Store each document's prefix through the integration, copy it to the disk-only cache, compare bytes."""
-        from ..integrations.hf import TierCachedLM
-        from ..manager import TierCache
+        from tiercache.integrations.hf import TierCachedLM
+        from tiercache.manager import TierCache
 
         B = self.layout.block_size
         firsts: dict[int, Any] = {}
@@ -140,7 +140,7 @@ class _Run:
             self.samples.setdefault(row, []).append(seconds)
 
     def clock_generate(self, ids: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, float]:
-        from ..integrations.hf import FirstTokenClock, with_clock
+        from tiercache.integrations.hf import FirstTokenClock, with_clock
 
         clock = FirstTokenClock()
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **with_clock({**self.gen, **kw}, clock))
@@ -148,7 +148,7 @@ class _Run:
 
     def reopen_cold(self) -> Any:
         """Close the disk-only cache, evict data.mdb from the page cache, reopen (all outside any clock)."""
-        from ..manager import TierCache
+        from tiercache.manager import TierCache
 
         if self.disk is not None:
             self.disk.close()
@@ -162,7 +162,7 @@ class _Run:
 
     def request(self, r: Any) -> None:
         """Every probe of one request, in an order rotated by the request's index."""
-        from ..integrations.hf import TierCachedLM
+        from tiercache.integrations.hf import TierCachedLM
 
         ids = torch.tensor([r.token_ids])
         tokens = ids[0]
@@ -185,7 +185,7 @@ class _Run:
             self.record("no cache (full prefill)", seconds)
 
         def ideal() -> None:
-            from ..integrations.hf import cache_kwargs
+            from tiercache.integrations.hf import cache_kwargs
 
             pkv, usable, loaded = self.whole._prefix_cache(tokens, 1)  # the prefix KV in a DynamicCache, unclocked
             got, prefill = self.clock_generate(ids, **cache_kwargs(pkv))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .protocol import CHUNK_TOKENS, REPO, BenchConfig, ratio_row, summary
+from tiercache.tools.bench.protocol import CHUNK_TOKENS, REPO, BenchConfig, ratio_row, summary
 
 PEERS_DIR = REPO / "benchmarks" / "peers"
 VENVS_DIR = REPO / "benchmarks" / ".venvs"

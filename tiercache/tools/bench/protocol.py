@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import KVLayout
+from tiercache.config import KVLayout
 
 CHUNK_TOKENS = 256
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 E2E_SIZES = ("off", "tiny", "quick", "full")
 
 

@@ -10,8 +10,8 @@ import subprocess
 
 import torch
 
-from .protocol import CHUNK_TOKENS, REPO
-from .scale import SCALE_CALL_BLOCKS, SCALE_LAYOUT
+from tiercache.tools.bench.protocol import CHUNK_TOKENS, REPO
+from tiercache.tools.bench.scale import SCALE_CALL_BLOCKS, SCALE_LAYOUT
 
 
 def machine_info() -> dict:
@@ -49,7 +49,7 @@ def code_state() -> str:
         head = git("log", "-1", "--format=%h %s").strip()
         dirty = [line[3:] for line in git("status", "--porcelain", "--", "tiercache").splitlines() if line]
     except (OSError, subprocess.SubprocessError):
-        from .. import __version__
+        from tiercache import __version__
         return f"tiercache {__version__} (not a git checkout)"
     sha, _, subject = head.partition(" ")
     return f"commit {sha} (\"{subject}\")" + (f", with uncommitted changes to {', '.join(dirty)}" if dirty else "")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..config import CacheConfig, KVLayout
-from .protocol import BenchConfig, realistic_kv, summary, token_ids
+from tiercache.config import CacheConfig, KVLayout
+from tiercache.tools.bench.protocol import BenchConfig, realistic_kv, summary, token_ids
 
 SCALE_LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.bfloat16, block_size=16)
 SCALE_CALL_BLOCKS = 64
@@ -25,7 +25,7 @@ SCALE_CALL_BLOCKS = 64
 
 def measure_scale(cfg: BenchConfig, workdir: str, log: Callable[[str], None]) -> list[dict]:
     """Lookup and store cost per block at each store size, for the host tier and the disk tier alone."""
-    from ..manager import TierCache
+    from tiercache.manager import TierCache
 
     L, per_call = SCALE_LAYOUT, SCALE_CALL_BLOCKS
     ntok = per_call * L.block_size

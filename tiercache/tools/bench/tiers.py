@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..config import CacheConfig
-from .protocol import (
+from tiercache.config import CacheConfig
+from tiercache.tools.bench.protocol import (
     CHUNK_TOKENS,
     BenchConfig,
     ParallelCopy,
@@ -42,7 +42,7 @@ LOOKUP_ROWS = ("lookup, host hit", "lookup, host hit (repeated)", "hashing only"
 
 def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callable[[str], None]) -> Rounds:
     """The interleaved rounds: each tier row is timed right next to its bound, in alternating order."""
-    from ..manager import TierCache
+    from tiercache.manager import TierCache
 
     layout, n = cfg.layout, cfg.chunks
     T = n * CHUNK_TOKENS
@@ -131,7 +131,7 @@ def throughput_rows(rounds: Rounds, nbytes: int) -> list[dict]:
 
 def measure_footprint(cfg: BenchConfig, workdir: str, log: Callable[[str], None]) -> list[dict]:
     """Allocated bytes of data.mdb per raw byte, for realistic bf16 KV and for uniform random bytes."""
-    from ..manager import TierCache
+    from tiercache.manager import TierCache
 
     layout, n = cfg.layout, cfg.footprint_chunks
     rows = []

@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-from .command import build_parser, main, make_plan, render
-from .model import ModelShape, load_model_shape, shape_from_config
-from .replay import ReplayResult, TierReplay, block_keys, read_trace, unbounded_hit_rate
-from .sizing import TierSize, disk_block_cost, size_tiers
+from tiercache.tools.plan.command import build_parser, main, make_plan, render
+from tiercache.tools.plan.model import ModelShape, load_model_shape, shape_from_config
+from tiercache.tools.plan.replay import ReplayResult, TierReplay, block_keys, read_trace, unbounded_hit_rate
+from tiercache.tools.plan.sizing import TierSize, disk_block_cost, size_tiers
 
 __all__ = ["main", "build_parser", "make_plan", "render", "ModelShape", "load_model_shape", "shape_from_config",
            "TierReplay", "ReplayResult", "block_keys", "read_trace", "unbounded_hit_rate", "TierSize",

@@ -7,10 +7,10 @@ import json
 import sys
 from typing import Any
 
-from ..config import parse_size
-from .model import DTYPE_BYTES, ModelShape, load_model_shape
-from .replay import TIERS, TierReplay, read_trace, unbounded_hit_rate
-from .sizing import disk_block_cost, free_space, size_tiers
+from tiercache.config import parse_size
+from tiercache.tools.plan.model import DTYPE_BYTES, ModelShape, load_model_shape
+from tiercache.tools.plan.replay import TIERS, TierReplay, read_trace, unbounded_hit_rate
+from tiercache.tools.plan.sizing import disk_block_cost, free_space, size_tiers
 
 TIER_LABEL = {"device": "GPU KV", "host": "host", "disk": "disk"}
 
@@ -91,7 +91,7 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
     if args.measure_prefill and not args.model:
         parser.error("--measure-prefill: needs --model (a model directory or its config.json)")
     if args.measure_prefill:
-        from ..demo import device_problem
+        from tiercache.tools.demo import device_problem
         problem = device_problem(args.device)
         if problem:
             raise ValueError(f"--device {args.device}: {problem}")
@@ -104,12 +104,12 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
     prefix = args.prefix or shape.max_seq_len or 8192
 
     if args.bandwidth_from:
-        from .probe import bandwidth_from_results
+        from tiercache.tools.plan.probe import bandwidth_from_results
         bandwidth = bandwidth_from_results(args.bandwidth_from)
     elif args.no_probe:
         bandwidth = {"source": "none (--no-probe)"}
     else:
-        from .probe import run_probe
+        from tiercache.tools.plan.probe import run_probe
         bandwidth = run_probe(shape, B, parse_size(args.probe_bytes, "--probe-bytes"))
     ratio = args.disk_ratio or bandwidth.get("disk_ratio") or 1.0
     ratio_source = "given" if args.disk_ratio else ("measured" if bandwidth.get("disk_ratio") else "assumed")
@@ -118,7 +118,7 @@ def make_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
     if args.prefill_rate:
         prefill = {"tokens_per_s": args.prefill_rate, "source": "given"}
     elif args.measure_prefill:
-        from .probe import measure_prefill
+        from tiercache.tools.plan.probe import measure_prefill
         prefill = {"tokens_per_s": measure_prefill(args.model, prefix, args.device, args.dtype),
                    "source": f"measured on {args.device}, {prefix}-token prompt"}
     recompute_s = prefix / prefill["tokens_per_s"] if prefill else None
@@ -191,7 +191,7 @@ def render(plan: dict) -> str:
              f"{_b(plan['block_bytes'])} per {plan['block_size']}-token block"
              + (f"; max seq len {m['max_seq_len']}" if m["max_seq_len"] else "")]
     if bw.get("source") == "probe":
-        from ..demo import machine_line
+        from tiercache.tools.demo import machine_line
         lines.append(f"bandwidth: probe on {machine_line()}, {_b(bw['probe_bytes'])} of synthetic KV per tier in "
                      f"{bw['seconds']:.1f} s (load into {bw['into']} memory; disk cold, decompression included)")
     else:

@@ -20,13 +20,13 @@ import tempfile
 import time
 from typing import Any
 
-from .model import ModelShape
+from tiercache.tools.plan.model import ModelShape
 
 
 def probe_layout(shape: ModelShape, block_size: int) -> Any:
     import torch
 
-    from ..config import KVLayout
+    from tiercache.config import KVLayout
 
     dtype = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32}[shape.dtype_bytes]
     if shape.dtype in ("float16", "fp16", "half"):
@@ -66,8 +66,8 @@ def run_probe(shape: ModelShape, block_size: int, probe_bytes: int = 64 << 20, w
     import numpy as np
     import torch
 
-    from .. import CacheConfig, TierCache
-    from ..bench.protocol import realistic_kv
+    from tiercache import CacheConfig, TierCache
+    from tiercache.tools.bench.protocol import realistic_kv
 
     layout = probe_layout(shape, block_size)
     blocks = max(4, probe_bytes // layout.block_bytes)
@@ -147,7 +147,7 @@ def measure_prefill(model_path: str, tokens: int, device: str = "cpu", dtype: st
     path = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
-    from ..config import parse_dtype
+    from tiercache.config import parse_dtype
 
     want = dtype or getattr(cfg, "torch_dtype", None) or torch.bfloat16
     torch_dtype = want if isinstance(want, torch.dtype) else parse_dtype(str(want), "--dtype")

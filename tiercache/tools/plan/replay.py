@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from ..policy import EvictionPolicy, make_admission_policy, make_eviction_policy
+from tiercache.policy import EvictionPolicy, make_admission_policy, make_eviction_policy
 
 MEMORY_TIERS = ("device", "host")
 TIERS = ("device", "host", "disk")

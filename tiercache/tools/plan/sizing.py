@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from .model import ModelShape
+from tiercache.tools.plan.model import ModelShape
 
 DISK_BUDGET_FRACTION = 0.85  # tiers/disk.py: charged bytes stay below 85% of the map (disk_bytes, >= 1 MiB)
 MIN_MAP = 1 << 20
@@ -32,7 +32,7 @@ def disk_block_cost(shape: ModelShape, block_size: int, ratio: float) -> int:
     """Estimated bytes one block costs against disk_bytes at compression `ratio` (raw / stored)."""
     if not ratio > 0:
         raise ValueError(f"disk ratio: expected a positive compression ratio (raw / stored), got {ratio!r}")
-    from ..tiers.disk import charged_bytes
+    from tiercache.tiers.disk import charged_bytes
 
     return charged_bytes(math.ceil(shape.block_bytes(block_size) / ratio) + frame_header_bytes(shape))
 
