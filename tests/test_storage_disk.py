@@ -473,8 +473,52 @@ def test_writemap_on_a_small_filesystem_is_not_sigbus(tmpfs):
     up front, or writemap is turned off when the filesystem cannot hold it."""
     mnt = tmpfs("3m")
     r = run_child(CHILD_PRELUDE + f"""
+    import logging
+    logging.basicConfig(level=logging.WARNING)
     disk, rec = open_disk({str(mnt / "store")!r}, cap=64 << 20, writemap=True)
+    assert not disk._shared.writemap
     for b in range(40):                                    # 5 MiB into 3 MiB
+        disk.write_batch(rows(range(b * 8, b * 8 + 8)))
+    assert disk.available and read_ok(disk, 319) is True
+    print("survived")
+    """)
+    assert r.returncode == 0 and "survived" in r.stdout, f"child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    (line,) = [ln for ln in r.stderr.splitlines() if "disk_writemap not used" in ln]  # said once
+    assert f"disk_path={mnt / 'store'}" in line
+
+
+def test_writemap_on_a_new_store_preallocates_and_serves(tmp_path):
+    """A new store under writemap: LMDB writes its meta pages before the map is allocated (a file of
+    zeros is not an LMDB store: the tier used to turn itself off), then the whole map is allocated."""
+    disk, rec = open_disk(tmp_path / "store", writemap=True)
+    assert disk.available and disk._shared.writemap
+    assert os.stat(tmp_path / "store" / "data.mdb").st_blocks * 512 >= 8 << 20  # the map is allocated
+    disk.write_batch(rows(range(8)))
+    assert all(read_ok(disk, i) for i in range(8))
+    disk.close()
+    disk, rec = open_disk(tmp_path / "store", writemap=True)
+    assert disk.available and disk._shared.writemap and all(read_ok(disk, i) for i in range(8))
+    disk.close()
+    disk, rec = open_disk(tmp_path / "store")  # the same store without writemap
+    assert disk.available and all(read_ok(disk, i) for i in range(8)) and not rec.snapshot()["errors_total"]
+    disk.close()
+
+
+def test_writemap_store_survives_its_filesystem_filling_up(tmpfs):
+    """Preallocation succeeded, then something else fills the filesystem: writes through the map land
+    in allocated pages, so the store keeps working inside its map (no SIGBUS)."""
+    mnt = tmpfs("8m")
+    r = run_child(CHILD_PRELUDE + f"""
+    disk, rec = open_disk({str(mnt / "store")!r}, cap=4 << 20, writemap=True)
+    assert disk.available and disk._shared.writemap
+    with open({str(mnt / "filler")!r}, "wb") as f:      # the rest of the filesystem, taken by someone else
+        try:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    for b in range(40):                                    # 5 MiB through a 4 MiB map
         disk.write_batch(rows(range(b * 8, b * 8 + 8)))
     assert disk.available and read_ok(disk, 319) is True
     print("survived")

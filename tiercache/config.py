@@ -170,7 +170,9 @@ class CacheConfig:
     tp_size: int = 1
     weights_revision: str | None = None
     write_queue_blocks: int = 1024
-    disk_writemap: bool = False  # faster disk writes; a full filesystem then raises SIGBUS, not an error
+    # faster disk puts (1.3-1.6x, benchmarks/disk_speed.py); allocates all of disk_bytes up front (so a full
+    # filesystem stays an error, not SIGBUS), or is not used, said once, where the filesystem cannot hold it
+    disk_writemap: bool = False
     io_threads: int = 2
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"

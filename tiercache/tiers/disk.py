@@ -124,6 +124,11 @@ class DiskTier:
             if kind == "corrupt":
                 return self._off("open", f"it is not a readable LMDB store ({text}); move it away")
             raise
+        if self._writemap and not self.readonly and not self._shared.writemap:
+            self.log.warning("disk-writemap", "tiercache: disk tier: disk_writemap not used at disk_path=%s: the "
+                             "filesystem cannot allocate the whole map (disk_bytes=%d) up front, and writes through "
+                             "an unallocated map would crash on a full disk; writing without it (slower puts)",
+                             self.path, self.capacity_bytes)
         env = self._shared.env
         try:
             last = env.info()["last_pgno"]

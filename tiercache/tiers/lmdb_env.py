@@ -233,8 +233,13 @@ def open_shared(path: str, map_size: int, readonly: bool, writemap: bool, lock: 
             # filesystem the first write into it is SIGBUS. Allocating it first makes that ENOSPC.
             _preallocate(lock_path, LOCK_FILE_BYTES)
         if writemap:
+            data = os.path.join(path, "data.mdb")
             try:
-                _preallocate(os.path.join(path, "data.mdb"), map_size)
+                if not os.path.exists(data) or not os.path.getsize(data):
+                    # a file of zeros is not an LMDB store (MDB_INVALID): let LMDB write its meta pages first
+                    lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, lock=lock, max_readers=MAX_READERS,
+                              mode=FILE_MODE).close()
+                _preallocate(data, map_size)
             except OSError:
                 writemap = False  # no room for the whole map: plain writes report a full disk as an error
     kw = dict(map_size=map_size, max_dbs=8, subdir=True, readonly=readonly, readahead=True, sync=False,
