@@ -93,8 +93,9 @@ def tier_row(d: str, blocks: list[np.ndarray], keys: list[BlockKey], compression
     put_s = time.perf_counter() - t
     frame_bytes = sum(len(f) for f in frames)
     del frames
-    disk.env.sync(True)
+    disk.close()  # unmapped: pages still mapped (writemap) would not leave the page cache
     drop_cache(os.path.join(path, "data.mdb"))
+    disk = DiskTier(path, LAYOUT, 2 * nbytes + (64 << 20), writemap=writemap)
     out = np.empty(CHUNK_BLOCKS * LAYOUT.block_bytes, dtype=np.uint8)
     bb = LAYOUT.block_bytes
     loads = []
