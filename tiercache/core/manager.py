@@ -181,8 +181,11 @@ class BlockManager:
             if not self._held(key) and not (self.disk is not None and self.disk.known(key)):
                 self._tags.pop(key, None)
             return
-        sid = self._stage_alloc() if self.admission.admit(key) else None
-        if sid is None:
+        if not self.admission.admit(key):  # admission's choice, not a lost write
+            self._tags.pop(key, None)
+            return
+        sid = self._stage_alloc()
+        if sid is None:  # every staging buffer is in flight: the write is dropped, and counted
             self.events.dropped_write("disk")
             self._tags.pop(key, None)
             return
