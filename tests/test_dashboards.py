@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tiercache.dashboards import (
+from tiercache.integrations.vllm_series import series_names
+from tiercache.metrics import metric_names
+from tiercache.tools.dashboards import (
     alert_queries,
     alert_rules,
     dashboard,
@@ -20,8 +22,6 @@ from tiercache.dashboards import (
     scrape_config,
     to_yaml,
 )
-from tiercache.integrations.vllm_series import series_names
-from tiercache.metrics import metric_names
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "dashboards"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -31,8 +31,8 @@ needs_promtool = pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtoo
 def test_committed_files_equal_the_generated_ones():
     for name, text in render().items():
         path = DASHBOARDS / name
-        assert path.exists(), f"{path} missing: run python -m tiercache.dashboards"
-        assert path.read_text() == text, f"{path} is stale: run python -m tiercache.dashboards"
+        assert path.exists(), f"{path} missing: run python -m tiercache.tools.dashboards"
+        assert path.read_text() == text, f"{path} is stale: run python -m tiercache.tools.dashboards"
     assert main(["--check", "--out", str(DASHBOARDS)]) == 0
 
 

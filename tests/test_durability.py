@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tiercache import CacheConfig, KVLayout, TierCache
-from tiercache.inspect_store import main as inspect_main
 from tiercache.tiers.disk import DiskTier
+from tiercache.tools.inspect_store import main as inspect_main
 
 from .conftest import make_kv, same_bytes
 

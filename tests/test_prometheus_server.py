@@ -25,9 +25,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from tiercache import CacheConfig, KVLayout, TierCache
-from tiercache.dashboards import alert_queries, alert_rules, dashboard_queries, scrape_config, to_yaml
 from tiercache.metrics import PromMetrics, start_exporter, stop_exporter
 from tiercache.stats import Recorder
+from tiercache.tools.dashboards import alert_queries, alert_rules, dashboard_queries, scrape_config, to_yaml
 
 PROMETHEUS = "/usr/bin/prometheus"
 DASHBOARDS = Path(__file__).resolve().parents[1] / "dashboards"

@@ -660,7 +660,7 @@ def test_auto_compression_is_measured_once_recorded_and_reused(tmp_path, monkeyp
         assert disk.compression_for(explicit) == explicit
         assert disk.codec_choice["chosen"] == explicit and disk.codec_choice["configured"] == explicit
     disk.close()
-    from tiercache.inspect_store import render, summarize
+    from tiercache.tools.inspect_store import render, summarize
     s = summarize(str(tmp_path))
     assert s["disk_codec"] == rec and f"auto codec   {chosen}" in render(s)
 

@@ -16,7 +16,7 @@ _COMMANDS = {
     "demo": ("tiercache.tools.demo", "main", "run a long-context RAG workload without and with the cache"),
     "plan": ("tiercache.tools.plan", "main", "size the tiers for a model: tokens, sequences, load vs recompute time"),
     "bench": ("tiercache.tools.bench", "main", "measure tier throughput against memcpy, raw disk reads and peers"),
-    "inspect": ("tiercache.inspect_store", "main", "show what a disk store holds"),
+    "inspect": ("tiercache.tools.inspect_store", "main", "show what a disk store holds"),
     "serve-metrics": ("tiercache.metrics", "main_serve_metrics", "serve Prometheus metrics over HTTP"),
 }
 

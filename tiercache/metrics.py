@@ -9,7 +9,7 @@ registered nowhere, which is what prometheus_client's multiprocess mode wants
 and whoever serves the directory (vLLM's /metrics, `tiercache serve-metrics`)
 aggregates every process. Gauges use "livesum": the sum over live processes.
 
-`METRICS` below is the single list of names; `tiercache.dashboards` builds the
+`METRICS` below is the single list of names; `tiercache.tools.dashboards` builds the
 Grafana dashboard and alert rules from it, and the tests check both against it.
 """
 

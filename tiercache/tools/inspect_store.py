@@ -15,7 +15,7 @@ import time
 
 import lmdb
 
-from .tiers.disk import open_existing
+from tiercache.tiers.disk import open_existing
 
 
 def _fmt_bytes(n: float) -> str:
