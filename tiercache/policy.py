@@ -31,6 +31,10 @@ class EvictionPolicy:
     def touch(self, key: Key) -> None:
         raise NotImplementedError
 
+    def touch_many(self, keys: list[Key]) -> None:
+        for k in keys:
+            self.touch(k)
+
     def remove(self, key: Key) -> None:
         raise NotImplementedError
 
@@ -59,6 +63,12 @@ class LRUPolicy(EvictionPolicy):
     def touch(self, key: Key) -> None:
         if key in self._order:
             self._order.move_to_end(key)
+
+    def touch_many(self, keys: list[Key]) -> None:
+        order, to_end = self._order, self._order.move_to_end
+        for k in keys:
+            if k in order:
+                to_end(k)
 
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
@@ -89,6 +99,9 @@ class FIFOPolicy(LRUPolicy):
     name = "fifo"
 
     def touch(self, key: Key) -> None:
+        pass
+
+    def touch_many(self, keys: list[Key]) -> None:
         pass
 
 

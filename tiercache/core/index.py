@@ -92,10 +92,8 @@ class SlotIndex:
                 del pins[k]
 
     def touch_many(self, keys: list[Key]) -> None:
-        ready, touch = self._ready, self.policy.touch
-        for k in keys:
-            if k in ready:
-                touch(k)
+        ready = self._ready
+        self.policy.touch_many([k for k in keys if k in ready])
 
     # -- writes --------------------------------------------------------------------------
     def reserve(self, key: Key) -> tuple[int, list[tuple[Key, int]]] | None:

@@ -213,9 +213,7 @@ class BlockManager:
             found = self._locate(keys)
             plan = LoadPlan(keys=list(keys[:len(found)]), srcs=[loc for _, loc in found],
                             serving=[tier for tier, _ in found])
-            by_medium: dict[str, list[Key]] = {}
-            for k, loc in zip(plan.keys, plan.srcs):
-                by_medium.setdefault(loc[0], []).append(k)
+            by_medium = self._by_medium(plan)
             for medium, ks in by_medium.items():
                 if medium in self.mem:
                     self.mem[medium].pin_many(ks)
@@ -248,10 +246,7 @@ class BlockManager:
                 return jobs
             plan.completed = True
             self._finish_spills(plan.spills)
-            by_medium: dict[str, list[Key]] = {}
-            for k, loc in zip(plan.keys, plan.srcs):
-                by_medium.setdefault(loc[0], []).append(k)
-            for medium, ks in by_medium.items():
+            for medium, ks in self._by_medium(plan).items():
                 if medium in self.mem:
                     self.mem[medium].unpin_many(ks)
                 elif medium == "stage":
@@ -269,6 +264,17 @@ class BlockManager:
             if self.disk is not None and self.admission.offer_on_hit:
                 jobs = self._readmit(served)
         return jobs
+
+    @staticmethod
+    def _by_medium(plan: LoadPlan) -> dict[str, list[Key]]:
+        """The plan's keys grouped by the medium they are read from (one group in the common case)."""
+        srcs = plan.srcs
+        if srcs and all(loc[0] == srcs[0][0] for loc in srcs):
+            return {srcs[0][0]: plan.keys}
+        out: dict[str, list[Key]] = {}
+        for k, loc in zip(plan.keys, srcs):
+            out.setdefault(loc[0], []).append(k)
+        return out
 
     def _unpin_src(self, key: Key, loc: Loc) -> None:
         medium = loc[0]
