@@ -33,20 +33,14 @@ from tiercache import KVLayout
 from tiercache.codec import BlockCodec
 from tiercache.keys import BlockKey
 from tiercache.tiers.disk import DiskTier
-from tiercache.tiers.disk_probe import synthetic_bf16
+from tiercache.tiers.disk_probe import evict_from_page_cache, synthetic_bf16
 
 LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
 CHUNK_BLOCKS = 256 // LAYOUT.block_size
 NS = b"bench-ns"
 
 
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+drop_cache = evict_from_page_cache  # this file's pages only, never the machine's
 
 
 def raw_row(d: str, blocks: list[np.ndarray]) -> dict:

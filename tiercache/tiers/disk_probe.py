@@ -73,6 +73,16 @@ def measure_decode(budget_s: float = 0.03) -> tuple[float, float]:
         return _decode_cache
 
 
+def evict_from_page_cache(path: str) -> None:
+    """Write `path` back and drop its pages from the page cache (this file only, never the machine's)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def measure_read(directory: str, nbytes: int = PROBE_FILE_BYTES) -> float | None:
     """Cold sequential read GB/s of the filesystem holding `directory`; None if it cannot be measured."""
     path = os.path.join(directory, PROBE_FILE)

@@ -122,13 +122,9 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 # -- page cache ------------------------------------------------------------------------------
 def drop_from_page_cache(paths: list[str], global_drop: bool) -> str:
     """Write back and evict `paths` from the page cache; returns the method that was used."""
+    from tiercache.tiers.disk_probe import evict_from_page_cache
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_from_page_cache(path)
     if global_drop:
         try:
             with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Any
 
+from tiercache.tiers.disk_probe import evict_from_page_cache as _evict_file
 from tiercache.tools.plan.model import ModelShape
 
 
@@ -52,13 +53,6 @@ def _best_load(cache: Any, tokens: Any, out: Any, repeats: int) -> float:
     return best
 
 
-def _evict_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def run_probe(shape: ModelShape, block_size: int, probe_bytes: int = 64 << 20, workdir: str | None = None) -> dict:
