@@ -154,14 +154,8 @@ def test_item7_corrupt_block_never_waits_for_the_disk_queue(tmp_path):
 
 
 @pytest.fixture
-def redis_url(tmp_path):
-    from tests.test_remote import REDIS, RedisServer
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    pytest.importorskip("redis")
-    server = RedisServer(tmp_path)
-    yield server.url
-    server.stop()
+def redis_url(redis_server):
+    return redis_server.url
 
 
 def test_item8_remote_only_store_counts_and_does_not_resend(redis_url):
@@ -246,13 +240,9 @@ def test_load_only_users_see_served_tokens(tmp_path):
         assert s["loaded_tokens"]["host"] == 16 and s["lookup_tokens"] == 0
 
 
-def test_remote_restarted_empty_gets_blocks_again(tmp_path):
+def test_remote_restarted_empty_gets_blocks_again(redis_server):
     """The core remembers what the server holds; a server that comes back empty must be refilled."""
-    from tests.test_remote import REDIS, RedisServer
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    pytest.importorskip("redis")
-    server = RedisServer(tmp_path)
+    server = redis_server
     try:
         cfg = CacheConfig(layout=L, host_bytes=0, remote_url=server.url)
         with TierCache(cfg) as c:
@@ -267,4 +257,4 @@ def test_remote_restarted_empty_gets_blocks_again(tmp_path):
         with TierCache(cfg) as c:
             assert torch.equal(c.load(list(range(8))), kv(8))
     finally:
-        server.stop()
+        server.stop()  # (the fixture stops it too; stopping twice is harmless)

@@ -1,9 +1,5 @@
 """The remote tier against a real redis-server on 127.0.0.1 (Debian's package, installed by .ci/run)."""
 
-import shutil
-import socket
-import subprocess
-import time
 
 import pytest
 
@@ -12,50 +8,6 @@ from tiercache import CacheConfig, TierCache
 from .conftest import make_kv, same_bytes
 
 pytestmark = pytest.mark.redis
-REDIS = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, tmp_path):
-        self.port = free_port()
-        self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(tmp_path)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        self.client = client
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    pytest.importorskip("redis")
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def toks(n, start=0):

@@ -15,8 +15,7 @@ from tiercache.errors import OnceLogger
 from tiercache.keys import BlockKey
 from tiercache.stats import Recorder
 
-from .conftest import make_kv, same_bytes
-from .test_remote import free_port
+from .conftest import free_port, make_kv, same_bytes
 
 pytestmark = pytest.mark.redis
 REDIS = shutil.which("redis-server")
