@@ -19,28 +19,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from ..policy import make_admission_policy, make_eviction_policy
 from .index import SlotIndex
 from .plans import LoadPlan, Loc, Spill, StorePlan, WriteJob
+from .staging import Staged, StageTable
 from .strategies import make_write_policy
+from .where import Where
 
 Key = Hashable
 MEMORY_TIERS = ("device", "host")
-
-
-@dataclass
-class _Staged:
-    """A block on its way to slow tiers; readable from `src` once `ready`."""
-
-    src: Loc
-    dests: tuple[str, ...]
-    tag: object
-    ready: bool = False
-    pins: int = 0
-    released: bool = False  # the write finished while a reader still had it pinned
 
 
 class _NoEvents:
@@ -64,12 +53,9 @@ class BlockManager:
         self.admission = make_admission_policy(admission)
         self.events = events or _NoEvents()
         self._lock = threading.Lock()
-        self._stage: dict[Key, _Staged] = {}
-        self._stage_limit = stage_limit
-        self._stage_free = list(range(stage_limit - 1, -1, -1))
-        self._stage_next = stage_limit  # ids past the limit: only for close-time write-back
+        self._stage = StageTable(stage_limit, on_stage_free)
+        self._where = Where(self.mem, self._order, self._stage, disk, remote)
         self._tags: dict[Key, object] = {}
-        self._on_stage_free = on_stage_free  # the byte layer drops the buffer behind a staging id
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -77,69 +63,18 @@ class BlockManager:
             (("remote",) if self.remote is not None else ())
 
     # -- where is a block ----------------------------------------------------------------
-    def _local(self, key: Key) -> tuple[str, Loc] | None:
-        for t in self._order:
-            slot = self.mem[t].find(key)
-            if slot is not None:
-                return t, (t, slot)
-        st = self._stage.get(key)
-        if st is not None and st.ready and not st.released:
-            return st.dests[0], st.src  # on its way down: served from its staged bytes
-        if self.disk is not None and self.disk.known(key):
-            return "disk", ("disk", None)
-        return None
-
-    def _walk(self, keys: list[Key], slow: dict[int, str] | None) -> tuple[list[tuple[str, Loc]], int | None]:
-        """(serving tier, location) of each block of the prefix, and the index of the first local miss."""
-        out: list[tuple[str, Loc]] = []
-        local = self._local
-        if len(self._order) == 1:  # the common shape (one memory tier): one dict probe per block
-            t = self._order[0]
-            ready = self.mem[t]._ready
-            for k in keys:
-                slot = ready.get(k)
-                if slot is None:
-                    break
-                out.append((t, (t, slot)))
-            else:
-                return out, None
-            start = len(out)
-        else:
-            start = 0
-        for i in range(start, len(keys)):
-            k = keys[i]
-            hit = local(k)
-            if hit is None:
-                tier = slow.get(i) if slow is not None else None
-                if tier is None:
-                    return out, i
-                hit = (tier, (tier, None))
-            out.append(hit)
-        return out, None
-
-    def _slow_membership(self, keys: list[Key], start: int) -> dict[int, str]:
-        """Which of keys[start:] the slow tiers hold (may do I/O; called without the lock)."""
-        found: dict[int, str] = {}
-        idx = list(range(start, len(keys)))
-        for index in (self.disk, self.remote):
-            if index is None or not idx:
-                continue
-            hits = index.contains_many([keys[i] for i in idx])
-            found.update((i, index.name) for i, hit in zip(idx, hits) if hit)
-            idx = [i for i, hit in zip(idx, hits) if not hit]
-        return found
-
     def _locate(self, keys: list[Key]) -> list[tuple[str, Loc]]:
         """The cached prefix; the caller holds the lock, which this releases around slow-tier I/O."""
-        found, miss = self._walk(keys, None)
+        where = self._where
+        found, miss = where.walk(keys, None)
         if miss is None or (self.remote is None and (self.disk is None or not self.disk.may_hold_unknown())):
             return found
         self._lock.release()
         try:
-            slow = self._slow_membership(keys, miss)
+            slow = where.slow_membership(keys, miss)
         finally:
             self._lock.acquire()
-        found, _ = self._walk(keys, slow)
+        found, _ = where.walk(keys, slow)
         return found
 
     def lookup(self, keys: list[Key]) -> list[str]:
@@ -184,27 +119,13 @@ class BlockManager:
         if not self.admission.admit(key):  # admission's choice, not a lost write
             self._tags.pop(key, None)
             return
-        sid = self._stage_alloc()
+        sid = self._stage.alloc()
         if sid is None:  # every staging buffer is in flight: the write is dropped, and counted
             self.events.dropped_write("disk")
             self._tags.pop(key, None)
             return
-        self._stage[key] = _Staged(("stage", sid), ("disk",), self._tags.get(key))
+        self._stage[key] = Staged(("stage", sid), ("disk",), self._tags.get(key))
         spills.append(Spill(key, (tier, slot), ("stage", sid)))
-
-    def _stage_alloc(self, unbounded: bool = False) -> int | None:
-        if self._stage_free:
-            return self._stage_free.pop()
-        if not unbounded:
-            return None
-        self._stage_next += 1
-        return self._stage_next - 1
-
-    def _stage_release(self, sid: int) -> None:
-        if self._on_stage_free is not None:
-            self._on_stage_free(sid)
-        if sid < self._stage_limit:
-            self._stage_free.append(sid)
 
     # -- load ----------------------------------------------------------------------------
     def prepare_load(self, keys: list[Key], promote: bool = True) -> LoadPlan:
@@ -300,7 +221,7 @@ class BlockManager:
 
     def _stage_from_host(self, key: Key, dests: tuple[str, ...]) -> WriteJob:
         slot = self.mem["host"].pin(key)
-        st = self._stage[key] = _Staged(("host", slot), dests, self._tags.get(key), ready=True)
+        st = self._stage[key] = Staged(("host", slot), dests, self._tags.get(key), ready=True)
         return WriteJob(key, st.src, dests, st.tag)
 
     # -- store ---------------------------------------------------------------------------
@@ -336,7 +257,7 @@ class BlockManager:
                     if self.remote is not None and not on_remote:
                         dests.append("remote")
                 if dests and not any(t == "host" for t, _ in dsts):
-                    sid = self._stage_alloc()
+                    sid = self._stage.alloc()
                     if sid is None:
                         for d in dests:
                             self.events.dropped_write(d)
@@ -364,7 +285,7 @@ class BlockManager:
                 for t, slot in dsts:
                     if t == "stage":
                         if not good:
-                            self._stage_release(slot)
+                            self._stage.release(slot)
                         continue
                     if good:
                         self.mem[t].commit(k)
@@ -380,11 +301,11 @@ class BlockManager:
                 sid = next((s for t, s in plan.dsts.get(i, ()) if t == "stage"), None)
                 if k in self._stage:  # another call staged it meanwhile
                     if sid is not None:
-                        self._stage_release(sid)
+                        self._stage.release(sid)
                 elif sid is None:
                     jobs.append(self._stage_from_host(k, dests))
                 else:
-                    st = self._stage[k] = _Staged(("stage", sid), dests, plan.tag, ready=True)
+                    st = self._stage[k] = Staged(("stage", sid), dests, plan.tag, ready=True)
                     jobs.append(WriteJob(k, st.src, dests, plan.tag))
                 cached[i] = True
         return cached, jobs
@@ -410,7 +331,7 @@ class BlockManager:
             return WriteJob(spill.key, st.src, st.dests, st.tag)
         if st is not None:
             del self._stage[spill.key]
-            self._stage_release(slot)
+            self._stage.release(slot)
         self.events.dropped_write("disk")
         return None
 
@@ -433,13 +354,13 @@ class BlockManager:
             else:
                 self._drop_stage(job.key, st)
 
-    def _drop_stage(self, key: Key, st: _Staged) -> None:
+    def _drop_stage(self, key: Key, st: Staged) -> None:
         del self._stage[key]
         medium, slot = st.src
         if medium == "host":
             self.mem["host"].unpin(key)
         else:
-            self._stage_release(slot)
+            self._stage.release(slot)
         if not self._held(key):
             self._tags.pop(key, None)
 
@@ -472,9 +393,9 @@ class BlockManager:
                     if t == "host":
                         jobs.append(self._stage_from_host(k, ("disk",)))
                     else:
-                        sid = self._stage_alloc(unbounded=True)
+                        sid = self._stage.alloc(unbounded=True)
                         slot = self.mem[t].pin(k)
-                        self._stage[k] = _Staged(("stage", sid), ("disk",), self._tags.get(k))
+                        self._stage[k] = Staged(("stage", sid), ("disk",), self._tags.get(k))
                         spills.append(Spill(k, (t, slot), ("stage", sid)))
         return jobs, spills
 
@@ -490,7 +411,7 @@ class BlockManager:
     def cached_locally(self, keys: list[Key]) -> list[bool]:
         """Whether each block is readable from memory, staging or the disk index right now."""
         with self._lock:
-            return [self._local(k) is not None for k in keys]
+            return [self._where.local(k) is not None for k in keys]
 
     def held_by(self, tier: str) -> int:
         with self._lock:
@@ -503,7 +424,6 @@ class BlockManager:
             out = {t: {"pinned": ix.num_pinned, "reserved": ix.num_writing} for t, ix in self.mem.items()}
             for slow in ("disk", "remote"):
                 if (self.disk if slow == "disk" else self.remote) is not None:
-                    out[slow] = {"pinned": 0, "reserved": sum(1 for st in self._stage.values()
-                                                               if slow in st.dests)}
-            out["staged"] = {"pinned": sum(st.pins for st in self._stage.values()), "reserved": len(self._stage)}
+                    out[slow] = {"pinned": 0, "reserved": self._stage.reserved_for(slow)}
+            out["staged"] = {"pinned": self._stage.pins(), "reserved": len(self._stage)}
             return out
