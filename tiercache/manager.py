@@ -188,10 +188,9 @@ class TierCache:
         for t, n in per_tier.items():
             self.recorder.stored(t, n * self.layout.block_bytes, seconds)
         if dropped:  # a block whose only copy was a dropped write is not cached
-            local = self.core.cached_locally([keys[i] for i in range(len(keys)) if keys[i] in dropped])
-            for i, k in enumerate(keys):
-                if k in dropped:
-                    cached[i] = local.pop(0)
+            idx = [i for i, k in enumerate(keys) if k in dropped]
+            for i, there in zip(idx, self.core.cached_locally([keys[i] for i in idx])):
+                cached[i] = there
         self.recorder.stored_tokens(sum(1 for i in range(len(keys)) if cached[i] and not plan.present[i]) * self._B)
         n = next((i for i, c in enumerate(cached) if not c), len(cached))
         return n * self._B

@@ -266,21 +266,16 @@ class Mover:
 
     def promote(self, plan: LoadPlan, good: set[int], targets: dict) -> set[int]:
         """Copy blocks into the memory slots reserved for them; the set whose every slot was filled."""
-        done: set[int] = set()
         per_slab: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
-        blocks = []
-        for i, dsts in plan.promote.items():
-            if i not in good:
-                continue
+        done = {i for i in plan.promote if i in good}
+        for i in done:
             src = self.effective_src(plan, i, targets)
-            for loc in dsts:
+            for loc in plan.promote[i]:
                 if loc == src:
                     continue  # decoded straight into it
                 slots, srcs = per_slab.setdefault(loc[0], ([], []))
                 slots.append(loc[1])
-                srcs.append(self.target_tensor(src) if isinstance(src, torch.Tensor) else self.tensor(src))
-            blocks.append(i)
+                srcs.append(self.target_tensor(src))
         for medium, (slots, srcs) in per_slab.items():
             self.slabs[medium].scatter(slots, torch.stack(srcs).permute(1, 2, 0, 3, 4, 5))
-        done.update(blocks)
         return done

@@ -230,8 +230,8 @@ class WriteBehind:
             for j, ok in zip(send, took):
                 results[id(j)]["remote"] = bool(ok)
                 if ok:
-                    self.recorder.stored("remote", self._source(j).numel() * self._source(j).element_size(),
-                                         seconds)
+                    src = self._source(j)
+                    self.recorder.stored("remote", src.numel() * src.element_size(), seconds)
         for j in jobs:
             # the disk tier counts the writes it dropped itself
             self._report(j, results[id(j)], frozenset(("disk",)) if j.key in disk_dropped else frozenset())
