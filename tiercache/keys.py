@@ -215,3 +215,32 @@ class KeyHasher:
             prev = h(prev + raw[i:i + step])
             append(new(BlockKey, prev))
         return keys
+
+
+class Keyer:
+    """The block keys of one cache configuration (what `TierCache.keys` computes), without a cache.
+
+    The vLLM connector's scheduler and workers derive the same keys from the same settings in
+    different processes; so does `TierCache` itself. `cfg` is a `CacheConfig`.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.block_size = cfg.layout.block_size
+        self.hasher = KeyHasher(cfg.hash_algo, cfg.hash_secret)
+        self._fingerprint = cfg.layout.fingerprint()
+
+    def namespace(self, salt: Any = None) -> Namespace:
+        if salt is not None and not isinstance(salt, (str, bytes)):
+            raise TypeError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
+        cfg = self.cfg
+        return Namespace(cfg.model_id, self._fingerprint, cfg.tp_rank, cfg.tp_size, salt, cfg.weights_revision)
+
+    def keys(self, tokens: Any, salt: Any = None, max_blocks: int | None = None) -> list[BlockKey]:
+        """Keys of every full block of `tokens` (at most `max_blocks`)."""
+        return self.hasher.block_keys(tokens, self.block_size, self.namespace(salt), max_blocks)
+
+    def tag(self, salt: Any = None) -> tuple[bytes, dict]:
+        """The note a slow tier keeps per block: the namespace's short digest and its description."""
+        ns = self.namespace(salt)
+        return self.hasher.namespace_digest(ns)[:8], ns.describe()

@@ -23,7 +23,7 @@ from .codec import BlockCodec
 from .config import CacheConfig
 from .core import BlockManager, DiskIndex, RemoteIndex, WriteJob
 from .errors import ClosedError, OnceLogger
-from .keys import BlockKey, KeyHasher, Namespace, tokens_to_array
+from .keys import BlockKey, Keyer, Namespace, tokens_to_array
 from .layerwise import LayerLoad, PrefetchHandle
 from .mover import Mover
 from .reads import ReadPath
@@ -42,7 +42,8 @@ class TierCache:
         self._B = layout.block_size
         self._log = OnceLogger()
         self._closed = False
-        self._hasher = KeyHasher(cfg.hash_algo, cfg.hash_secret)
+        self._keyer = Keyer(cfg)
+        self._hasher = self._keyer.hasher
         for name, size in (("device_bytes", cfg.device_bytes), ("host_bytes", cfg.host_bytes)):
             if 0 < size < layout.block_bytes:
                 raise ValueError(f"{name}: {size} bytes is smaller than one block ({layout.block_bytes} bytes "
@@ -113,19 +114,14 @@ class TierCache:
 
     # -- keys ----------------------------------------------------------------------------
     def _namespace(self, salt: Any) -> Namespace:
-        if salt is not None and not isinstance(salt, (str, bytes)):
-            raise TypeError(f"salt: expected None, str or bytes, got {type(salt).__name__}")
-        cfg = self.cfg
-        return Namespace(cfg.model_id, self.layout.fingerprint(), cfg.tp_rank, cfg.tp_size, salt,
-                         cfg.weights_revision)
+        return self._keyer.namespace(salt)
 
     def keys(self, tokens: Any, salt: Any = None) -> list[BlockKey]:
         """Block keys of every full block of `tokens`."""
         return self._hasher.block_keys(tokens, self._B, self._namespace(salt))
 
     def _tag(self, salt: Any) -> tuple[bytes, dict]:
-        ns = self._namespace(salt)
-        return self._hasher.namespace_digest(ns)[:8], ns.describe()
+        return self._keyer.tag(salt)
 
     # -- lookup --------------------------------------------------------------------------
     def lookup(self, tokens: Any, salt: Any = None) -> int:
@@ -167,6 +163,26 @@ class TierCache:
         if not keys:
             return 0
         kv6 = kv.detach()[:, :, :len(keys) * self._B].unflatten(2, (len(keys), self._B))
+        return self._store_keys(keys, kv6, salt)
+
+    def store_keys(self, keys: list[BlockKey], blocks: torch.Tensor, salt: Any = None) -> int:
+        """Store blocks under keys the caller derived itself (`keys()`, or `tiercache.keys.Keyer` in
+        another process): `blocks` is [num_layers, planes, len(keys), block_size, num_kv_heads, head_dim].
+        Returns how many of the blocks, from the first, are now cached. Integrations that hold a
+        request's later blocks only (the vLLM connector) store them without the prefix's KV."""
+        self._check_open()
+        L = self.layout
+        want = (L.num_layers, L.planes, len(keys), L.block_size, L.num_kv_heads, L.head_dim)
+        if not isinstance(blocks, torch.Tensor) or blocks.dtype != L.dtype or tuple(blocks.shape) != want:
+            got = f"{list(blocks.shape)} {blocks.dtype}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+            raise ValueError(f"blocks: expected {list(want)} {L.dtype}, got {got}")
+        if not all(isinstance(k, BlockKey) for k in keys):
+            raise TypeError("keys: expected BlockKey values (from TierCache.keys or Keyer.keys)")
+        if not keys:
+            return 0
+        return self._store_keys(list(keys), blocks.detach(), salt) // self._B
+
+    def _store_keys(self, keys: list[BlockKey], kv6: torch.Tensor, salt: Any) -> int:
         t0 = time.perf_counter()
         plan = self.core.prepare_store(keys, self._tag(salt))
         ok = [False] * len(keys)
@@ -229,6 +245,17 @@ class TierCache:
             self._check_out(out)
             keys = keys[: out.shape[2] // self._B]
         return self.reads.load(keys, out)
+
+    def load_keys(self, keys: list[BlockKey], out: torch.Tensor | None = None) -> torch.Tensor:
+        """`load` for keys the caller derived itself (see `store_keys`): the KV of the longest served
+        run of `keys` from the first, [L, planes, n, H, D] (n = 0 on a miss)."""
+        self._check_open()
+        if not all(isinstance(k, BlockKey) for k in keys):
+            raise TypeError("keys: expected BlockKey values (from TierCache.keys or Keyer.keys)")
+        if out is not None:
+            self._check_out(out)
+            keys = keys[: out.shape[2] // self._B]
+        return self.reads.load(list(keys), out)
 
     def _corrupt(self, tier: str, key: BlockKey, err: Exception) -> None:
         self.recorder.corrupt(tier)

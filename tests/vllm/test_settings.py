@@ -34,9 +34,12 @@ def test_layout_and_model_come_from_vllm(tmp_path):
     assert cache_config(*configs({"model_id": "shared-name", "disk_path": str(tmp_path)})).model_id == "shared-name"
 
 
-def test_the_connector_needs_a_write_through_disk_tier(tmp_path):
-    with pytest.raises(ValueError, match="kv_connector_extra_config: disk_path"):
-        cache_config(*configs({"host_bytes": "8MiB"}))
+def test_the_connector_needs_a_tier_and_write_through(tmp_path):
+    assert cache_config(*configs({"host_bytes": "8MiB"})).host_bytes == 8 << 20   # host memory alone is enough
+    with pytest.raises(ValueError, match="kv_connector_extra_config: host_bytes, disk_path, remote_url"):
+        cache_config(*configs({"host_bytes": 0}))
+    with pytest.raises(ValueError, match="kv_connector_extra_config: host_bytes, disk_path, remote_url"):
+        cache_config(*configs({"host_bytes": "64KiB"}))   # less than one 128-token block
     with pytest.raises(ValueError, match="kv_connector_extra_config: write_policy"):
         cache_config(*configs({"disk_path": str(tmp_path), "write_policy": "write_back"}))
 

@@ -7,9 +7,11 @@
 
 The extra-config keys are `CacheConfig` field names (unknown ones are an error naming the key);
 layout, model id and tensor-parallel rank come from vLLM. vLLM builds one instance per role:
-the scheduler's (`vllm_scheduler.SchedulerSide`: lookups and plans, no KV bytes) and one per
-worker (`vllm_worker.WorkerSide`: owns the TierCache and moves bytes). They meet through
-`TierCacheMetadata` each step and the failed-block set the workers report back.
+the scheduler's (`vllm_scheduler.SchedulerSide`: the decision layer, lookups and plans, no KV
+bytes) and one per worker (`vllm_worker.WorkerSide`: the host slab and the slow tiers; moves
+bytes). Plans go down in `TierCacheMetadata` each step; every job comes back in
+`TierCacheWorkerMeta` (vLLM's worker->scheduler channel) with the blocks that made it, and the
+scheduler completes the plan only when every rank reported.
 
 Correctness: a block the worker cannot serve is reported by `get_block_ids_with_load_errors`
 and recomputed, because this connector sets `kv_load_failure_policy="recompute"` itself; what
@@ -30,7 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .vllm_metrics import TierCachePromMetrics, TierCacheStats
-from .vllm_scheduler import SchedulerSide, TierCacheMetadata
+from .vllm_scheduler import SchedulerSide, TierCacheMetadata, TierCacheWorkerMeta
 from .vllm_worker import WorkerSide
 
 __all__ = ["TierCacheConnector", "TierCacheMetadata"]
@@ -39,7 +41,7 @@ log = logging.getLogger("tiercache.vllm")
 
 
 class TierCacheConnector(KVConnectorBase_V1):
-    _cache_hit_source = CacheHitSource.DISK
+    _cache_hit_source = CacheHitSource.DISK  # only a fallback: get_external_cache_hit_sources splits by tier
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -89,10 +91,13 @@ class TierCacheConnector(KVConnectorBase_V1):
             self.worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # saves copy their blocks at once; loads are synchronous
+        return None, None  # saves copy their blocks during the step; loads are synchronous
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.failed_blocks()
+
+    def build_connector_worker_meta(self) -> TierCacheWorkerMeta | None:
+        return self.worker.take_report()  # every job of this step, with the blocks that made it
 
     def shutdown(self) -> None:
         if self._worker is not None:
@@ -109,6 +114,17 @@ class TierCacheConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return self.scheduler.build_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self.scheduler.update_connector_output(getattr(connector_output, "kv_connector_worker_meta", None))
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        names = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+        out: dict[CacheHitSource, int] = {}
+        for tier, n in self.scheduler.hit_sources(request, num_external_tokens).items():
+            src = names.get(tier, CacheHitSource.EXTERNAL_UNSPECIFIED)  # remote: vLLM has no label for it
+            out[src] = out.get(src, 0) + n
+        return out
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self.scheduler.request_finished(request)

@@ -62,12 +62,17 @@ def cache_config(vllm_config: Any, kv_cache_config: Any, tp_rank: int = 0, **ove
                           tp_rank=tp_rank, tp_size=tp_size, **extra)
     except (ValueError, TypeError) as e:
         raise type(e)(f"kv_connector_extra_config: {e}") from e
-    # vLLM's scheduler process answers lookups from the disk tier's index (the host tier lives in the
-    # workers): without a disk tier, or with write-back keeping blocks in worker memory, it never sees a hit.
-    if not cfg.disk_enabled:
-        raise ValueError("kv_connector_extra_config: disk_path: the vLLM connector needs a disk tier (its scheduler "
-                         "process looks blocks up in the disk index); set disk_path and a disk_bytes above 0")
+    if host_slots(cfg) == 0 and not cfg.disk_enabled and not cfg.remote_url:
+        raise ValueError("kv_connector_extra_config: host_bytes, disk_path, remote_url: the connector needs at least "
+                         "one tier below vLLM's own cache (host_bytes of one block or more, a disk tier or a remote)")
+    # Write-back would keep blocks only in worker memory and spill them on eviction: the workers would have to
+    # run the spills the scheduler decides. Under write-through every block is written down when it is saved.
     if cfg.write_policy != "write_through":
-        raise ValueError(f"kv_connector_extra_config: write_policy: the vLLM connector needs 'write_through' (its "
-                         f"scheduler sees blocks once they reach the disk), got {cfg.write_policy!r}")
+        raise ValueError(f"kv_connector_extra_config: write_policy: the vLLM connector supports 'write_through' "
+                         f"only, got {cfg.write_policy!r}")
     return cfg
+
+
+def host_slots(cfg: CacheConfig) -> int:
+    """Blocks the host tier of each worker holds (the scheduler's decision layer mirrors them)."""
+    return cfg.host_bytes // cfg.layout.block_bytes

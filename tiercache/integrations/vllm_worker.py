@@ -1,18 +1,29 @@
-"""Worker side of the vLLM connector: owns the TierCache (host memory, disk, remote) and moves bytes.
+"""Worker side of the vLLM connector: owns the host slab and the slow tiers, and moves bytes.
 
-Per step (vLLM calls these in this order):
-    start_load   before the forward when the step has loads: each job's blocks come from
-                 `TierCache.load` and are scattered into the fresh blocks vLLM allocated for
-                 them. A block not served (evicted since the lookup, corrupt, an error) is
-                 reported through `failed_blocks()`; vLLM recomputes it.
-    save         after the forward: the blocks to save are gathered into a private copy at
-                 once (so vLLM may reuse them from the next step on), and stored by a
-                 background thread: the forward pass never waits for a store. A request with
-                 a failed load this step saves nothing (its later blocks attended to bad KV).
+It decides nothing: the scheduler's plans name the host slots (see vllm_scheduler). Per step (vLLM
+calls these in this order):
+
+    start_load   before the forward when the step has loads: host blocks are gathered from their
+                 slots in one index_select and written into vLLM's pages; slow blocks come from the
+                 worker's `TierCache` (disk, remote: verified frames) and are also copied into the host
+                 slot the plan reserved for them. A block not served (a slot whose key is not the
+                 block's, a frame evicted or corrupt, an error) is reported by `failed_blocks()`;
+                 vLLM recomputes it.
+    save         after the forward: the new full blocks are gathered from vLLM's pages once (so
+                 vLLM may reuse them from the next step on), copied into their host slots, and
+                 written through to the slow tiers by a background thread: the forward pass never
+                 waits for disk or network. A request with a failed load this step saves nothing
+                 (its later blocks attended to KV that was not there).
+
+Every job is reported back with a per-block ok list (`take_report`): the scheduler makes a slot
+readable only when every rank filled it. Each slot also carries the key of the block in it, set
+only after its bytes arrived and cleared before they are overwritten, and checked on every read:
+whatever the scheduler believes, a worker never serves a slot holding another block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +31,17 @@ from typing import Any
 
 import torch
 
+from ..keys import Keyer
 from ..manager import TierCache
+from ..tiers.slab import MemorySlab
 from . import vllm_pages
 from .vllm_metrics import TierCacheStats
-from .vllm_scheduler import LoadJob, SaveJob, TierCacheMetadata
-from .vllm_settings import cache_config
+from .vllm_scheduler import LoadJob, SaveJob, TierCacheMetadata, TierCacheWorkerMeta
+from .vllm_settings import cache_config, host_slots
 
 log = logging.getLogger("tiercache.vllm")
 
-MAX_QUEUED_SAVES = 64  # saves waiting for the store thread; more are dropped and counted
+MAX_QUEUED_SAVES = 64  # saves waiting for the slow-tier writer; more are dropped (and counted)
 
 
 def _tp_rank() -> int:
@@ -45,17 +58,25 @@ class WorkerSide:
         self.layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
         self.cfg = cache_config(vllm_config, kv_cache_config, tp_rank=_tp_rank())
         self.layout = self.cfg.layout
-        self.cache = TierCache(self.cfg)
+        self.keyer = Keyer(self.cfg)
+        n = host_slots(self.cfg)
+        self.host = MemorySlab("host", self.layout, n, torch.device("cpu"), pin=torch.cuda.is_available()) \
+            if n else None
+        self.slot_keys: list[bytes | None] = [None] * n
+        # The slow tiers (this rank's namespace). Host memory is the slab above, decided by the scheduler.
+        self.cache = TierCache(dataclasses.replace(self.cfg, host_bytes=0)) \
+            if self.cfg.disk_enabled or self.cfg.remote_url else None
         self.layers: list[torch.Tensor] = []
         self.page_layout: str | None = None
         self._failed: set[int] = set()
         self._failed_reqs: set[str] = set()
+        self._done: dict[int, list[bool]] = {}
         self._lock = threading.Lock()
         self._queued = 0
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-vllm-save")
         # cumulative (what a test or an operator reads) and per-interval (what vLLM ships to /metrics)
         self.counters = {"loaded_tokens": 0, "failed_blocks": 0, "saved_tokens": 0, "dropped_saves": 0,
-                         "save_errors": 0}
+                         "save_errors": 0, "host_loaded_tokens": 0, "slow_loaded_tokens": 0}
         self.stats = TierCacheStats()
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -77,8 +98,18 @@ class WorkerSide:
             vllm_pages.check_cpu_layout(self.page_layout, self.layers[0], isa)
         else:
             self.page_layout = "flash"
-        log.info("tiercache: %d layers, page layout %s, %s", len(self.layers), self.page_layout,
-                 lay.fingerprint())
+        log.info("tiercache: %d layers, page layout %s, %d host slots, %s", len(self.layers), self.page_layout,
+                 len(self.slot_keys), lay.fingerprint())
+
+    # -- host slots ------------------------------------------------------------------------------
+    def _fill_slots(self, slots: list[int], keys: list[bytes], blocks: torch.Tensor) -> None:
+        """Copy blocks [n, L, 2, B, H, D] into host slots; each slot's key is set only once its bytes are in."""
+        for s in slots:
+            self.slot_keys[s] = None  # what the slot held is gone from here on
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.host.tensor.index_copy_(0, idx, blocks if blocks.device.type == "cpu" else blocks.cpu())
+        for s, k in zip(slots, keys):
+            self.slot_keys[s] = k
 
     # -- loads -----------------------------------------------------------------------------------
     def start_load(self, meta: TierCacheMetadata) -> None:
@@ -87,39 +118,53 @@ class WorkerSide:
             self._load(job)
 
     def _load(self, job: LoadJob) -> None:
-        B, lay = self.layout.block_size, self.layout
-        end = job.start_block + len(job.block_ids)
-        served = job.start_block
+        B = self.layout.block_size
+        n = len(job.block_ids)
+        ok = [False] * n           # block j is in vLLM's pages
+        unfilled: set[int] = set()  # ... but the host slot reserved for it was not filled
         try:
-            tiers = self._serving_tiers(job)
-            kv = self.cache.load(job.tokens, salt=job.salt)  # [L, 2, tokens, H, D], the cached prefix
-            served = max(job.start_block, min(kv.shape[2] // B, end))
-            m = served - job.start_block
-            if m:
-                part = kv[:, :, job.start_block * B:served * B]
-                blocks = part.reshape(lay.num_layers, 2, m, B, lay.num_kv_heads, lay.head_dim)
-                vllm_pages.scatter(blocks.permute(2, 0, 1, 3, 4, 5).contiguous().to(self.layers[0].device), self.layers,
-                                   job.block_ids[:m], self.page_layout)
-                self.counters["loaded_tokens"] += m * B
-                for tier in tiers[job.start_block:served]:
-                    self.stats.count(f"hit_tokens.{tier}", B)
-        except Exception:  # a storage fault is a miss: vLLM recomputes every block of this job
+            keys = self.keyer.keys(job.tokens, job.salt)[job.start_block:job.start_block + n]
+            h = len(job.host_slots)
+            if h and self.host is not None:
+                good = [j for j in range(h) if self.slot_keys[job.host_slots[j]] == keys[j]]
+                if good:
+                    idx = torch.tensor([job.host_slots[j] for j in good], dtype=torch.long)
+                    blocks = self.host.tensor.index_select(0, idx)           # [m, L, 2, B, H, D]
+                    vllm_pages.scatter(blocks.to(self.layers[0].device), self.layers,
+                                       [job.block_ids[j] for j in good], self.page_layout)
+                    for j in good:
+                        ok[j] = True
+                    self.counters["host_loaded_tokens"] += len(good) * B
+            if h < n and self.cache is not None:
+                kv = self.cache.load_keys(keys[h:])                        # [L, 2, m*B, H, D], the served run
+                m = kv.shape[2] // B
+                if m:
+                    blocks = kv.unflatten(2, (m, B)).permute(2, 0, 1, 3, 4, 5).contiguous()  # [m, L, 2, B, H, D]
+                    promote = [(j, job.promote[j]) for j in range(h, h + m) if j in job.promote]
+                    vllm_pages.scatter(blocks.to(self.layers[0].device), self.layers, job.block_ids[h:h + m],
+                                       self.page_layout)
+                    for j in range(h, h + m):
+                        ok[j] = True
+                    self.counters["slow_loaded_tokens"] += m * B
+                    if promote and self.host is not None:
+                        try:
+                            self._fill_slots([s for _, s in promote], [keys[j] for j, _ in promote],
+                                             blocks[[j - h for j, _ in promote]])
+                        except Exception:  # the pages are loaded; only the promotion is lost
+                            log.exception("tiercache: promoting loaded blocks to host memory failed")
+                            unfilled = {j for j, _ in promote}
+        except Exception:  # a storage fault is a miss: vLLM recomputes what was not loaded
             log.exception("tiercache: load for request %s failed; its blocks are recomputed", job.req_id)
             self.stats.count("load_errors")
-            served = job.start_block
-        failed = job.block_ids[served - job.start_block:]
+        served = ok.count(True)
+        self.counters["loaded_tokens"] += served * B
+        failed = [bid for bid, good in zip(job.block_ids, ok) if not good]
         if failed:
             self._failed.update(failed)
             self._failed_reqs.add(job.req_id)
             self.counters["failed_blocks"] += len(failed)
             self.stats.count("recomputed_blocks", len(failed))
-
-    def _serving_tiers(self, job: LoadJob) -> list[str]:
-        """Tier serving each block of the job's prefix right now (for the hit-by-tier counts only)."""
-        keys = self.cache.keys(job.tokens, salt=job.salt)
-        tiers = list(self.cache.core.lookup(keys))
-        # a block that moved since is still counted for some tier; a metric, not a decision
-        return tiers + ["disk"] * (len(keys) - len(tiers))
+        self._report(job.job_id, [good and j not in unfilled for j, good in enumerate(ok)])
 
     def failed_blocks(self) -> set[int]:
         out, self._failed = self._failed, set()
@@ -128,54 +173,80 @@ class WorkerSide:
     # -- saves -----------------------------------------------------------------------------------
     def save(self, meta: TierCacheMetadata) -> None:
         for job in meta.saves:
-            if job.req_id in self._failed_reqs or not job.block_ids:
-                continue
-            with self._lock:
-                if self._queued >= MAX_QUEUED_SAVES:
-                    self.counters["dropped_saves"] += 1
-                    self.stats.count("dropped_saves", len(job.block_ids) - job.first_new_block)
-                    continue
-                self._queued += 1
-            try:
-                # a private copy now: vLLM may hand these blocks to another request next step
-                blocks = vllm_pages.gather(self.layers, job.block_ids, self.page_layout)
-                ready = None
-                if blocks.is_cuda:
-                    # to host on the compute stream without waiting for it; the store thread waits on the event
-                    host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
-                    host.copy_(blocks, non_blocking=True)
-                    ready = torch.cuda.Event()
-                    ready.record()
-                    blocks = host
-                self._saver.submit(self._store, job, blocks, ready)
-            except BaseException:
-                with self._lock:
-                    self._queued -= 1
-                raise
+            self._report(job.job_id, self._save(job))
 
-    def _store(self, job: SaveJob, blocks: torch.Tensor, ready: Any = None) -> None:
+    def _save(self, job: SaveJob) -> list[bool]:
+        n = len(job.block_ids)
+        if job.req_id in self._failed_reqs or not n:
+            return [False] * n
         try:
-            if ready is not None:
-                ready.synchronize()
-            n, L = blocks.shape[0], blocks.shape[1]
-            kv = blocks.permute(1, 2, 0, 3, 4, 5).reshape(L, 2, n * self.layout.block_size,
-                                                          self.layout.num_kv_heads, self.layout.head_dim)
-            self.cache.store(job.tokens, kv, salt=job.salt)
-            self.counters["saved_tokens"] += len(job.tokens)
-            self.stats.count("stored_tokens", (n - job.first_new_block) * self.layout.block_size)
+            # a private copy now: vLLM may hand these blocks to another request next step
+            blocks = vllm_pages.gather(self.layers, job.block_ids, self.page_layout)   # [n, L, 2, B, H, D]
+            if blocks.is_cuda:
+                host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+                host.copy_(blocks, non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+                blocks = host
+            keys = self.keyer.keys(job.tokens, job.salt)[job.first_block:job.first_block + n]
+            if len(keys) != n:
+                raise ValueError(f"save job {job.job_id}: {len(keys)} keys for {n} blocks")
+            if job.host_slots and self.host is not None:
+                js = sorted(job.host_slots)
+                self._fill_slots([job.host_slots[j] for j in js], [keys[j] for j in js],
+                                 blocks if len(js) == n else blocks[js])
         except Exception:
             self.counters["save_errors"] += 1
             self.stats.count("save_errors")
             log.exception("tiercache: saving request %s failed (a future miss, nothing else)", job.req_id)
+            return [False] * n
+        self.counters["saved_tokens"] += n * self.layout.block_size
+        if job.write and self.cache is not None:
+            with self._lock:
+                full = self._queued >= MAX_QUEUED_SAVES
+                if not full:
+                    self._queued += 1
+            if full:
+                self.counters["dropped_saves"] += 1
+                self.stats.count("dropped_saves", n)
+            else:
+                try:
+                    self._saver.submit(self._write, job, keys, blocks)
+                except BaseException:
+                    with self._lock:
+                        self._queued -= 1
+                    raise
+        return [True] * n
+
+    def _write(self, job: SaveJob, keys: list, blocks: torch.Tensor) -> None:
+        try:
+            self.cache.store_keys(keys, blocks.permute(1, 2, 0, 3, 4, 5), salt=job.salt)
+        except Exception:
+            self.counters["save_errors"] += 1
+            self.stats.count("save_errors")
+            log.exception("tiercache: writing request %s to the slow tiers failed (a future miss)", job.req_id)
         finally:
             with self._lock:
                 self._queued -= 1
 
+    # -- reports ---------------------------------------------------------------------------------
+    def _report(self, job_id: int, ok: list[bool]) -> None:
+        self._done[job_id] = ok
+
+    def take_report(self) -> TierCacheWorkerMeta | None:
+        if not self._done:
+            return None
+        done, self._done = self._done, {}
+        return TierCacheWorkerMeta({jid: (1, ok) for jid, ok in done.items()})
+
     def flush(self) -> None:
         """Wait for queued saves and the disk writes they started."""
         self._saver.submit(lambda: None).result()
-        self.cache.flush()
+        if self.cache is not None:
+            self.cache.flush()
 
     def close(self) -> None:
         self._saver.shutdown(wait=True)
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
+        if self.host is not None:
+            self.host.close()
