@@ -227,7 +227,7 @@ class SchedulerSide:
             host_slots = [slot for _, slot in plan.srcs]
             h = len(plan)   # shorter when a block left host memory since the lookup: read from the slow tiers
         promote: dict[int, int] = {}
-        if h < len(keys) and self.core is not None:
+        if h < len(keys) and self.core is not None and self.views:
             plan = self.core.prepare_store(keys[h:])
             plans.append((plan, h))
             promote = {h + i: slot for i, dsts in plan.dsts.items() for t, slot in dsts if t == "host"}

@@ -114,14 +114,21 @@ class WorkerSide:
     # -- loads -----------------------------------------------------------------------------------
     def start_load(self, meta: TierCacheMetadata) -> None:
         self._failed_reqs = set()
-        for job in meta.loads:
-            self._load(job)
+        for i, job in enumerate(meta.loads):
+            ok = [False] * len(job.block_ids)   # block j is in vLLM's pages
+            unfilled: set[int] = set()          # ... but the host slot reserved for it was not filled
+            try:
+                self._load(job, ok, unfilled)
+            except BaseException:  # KeyboardInterrupt: this job and the ones after it end as they are
+                for rest in meta.loads[i + 1:]:
+                    self._loaded(rest, [False] * len(rest.block_ids), set())
+                raise
+            finally:  # the scheduler releases exactly what did not arrive
+                self._loaded(job, ok, unfilled)
 
-    def _load(self, job: LoadJob) -> None:
+    def _load(self, job: LoadJob, ok: list[bool], unfilled: set[int]) -> None:
         B = self.layout.block_size
         n = len(job.block_ids)
-        ok = [False] * n           # block j is in vLLM's pages
-        unfilled: set[int] = set()  # ... but the host slot reserved for it was not filled
         try:
             keys = self.keyer.keys(job.tokens, job.salt)[job.start_block:job.start_block + n]
             h = len(job.host_slots)
@@ -152,10 +159,13 @@ class WorkerSide:
                                              blocks[[j - h for j, _ in promote]])
                         except Exception:  # the pages are loaded; only the promotion is lost
                             log.exception("tiercache: promoting loaded blocks to host memory failed")
-                            unfilled = {j for j, _ in promote}
+                            unfilled.update(j for j, _ in promote)
         except Exception:  # a storage fault is a miss: vLLM recomputes what was not loaded
             log.exception("tiercache: load for request %s failed; its blocks are recomputed", job.req_id)
             self.stats.count("load_errors")
+
+    def _loaded(self, job: LoadJob, ok: list[bool], unfilled: set[int]) -> None:
+        B = self.layout.block_size
         served = ok.count(True)
         self.counters["loaded_tokens"] += served * B
         failed = [bid for bid, good in zip(job.block_ids, ok) if not good]
@@ -172,8 +182,16 @@ class WorkerSide:
 
     # -- saves -----------------------------------------------------------------------------------
     def save(self, meta: TierCacheMetadata) -> None:
-        for job in meta.saves:
-            self._report(job.job_id, self._save(job))
+        for i, job in enumerate(meta.saves):
+            ok = [False] * len(job.block_ids)
+            try:
+                ok = self._save(job)
+            except BaseException:  # KeyboardInterrupt: the saves not made are reported as such
+                for rest in meta.saves[i + 1:]:
+                    self._report(rest.job_id, [False] * len(rest.block_ids))
+                raise
+            finally:  # unfilled slots are released by the scheduler, never made readable
+                self._report(job.job_id, ok)
 
     def _save(self, job: SaveJob) -> list[bool]:
         n = len(job.block_ids)
