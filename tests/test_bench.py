@@ -289,3 +289,25 @@ def test_an_added_section_is_measured_and_rendered(tmp_path, monkeypatch, capsys
                                               "rows": [{"row": "per block", "us": 1.5, "verified": True}]}]
     text = out.read_text()
     assert "## Extra: a cost per block" in text and "| per block | 1.5 | yes |" in text
+
+
+def test_vllm_section_only_with_a_vllm_python_and_its_rows_render():
+    from tiercache.tools.bench.command import SECTIONS, parse_args
+    from tiercache.tools.bench.report import _table
+    from tiercache.tools.bench.vllm_ttft import rows
+
+    section = next(s for s in SECTIONS if s.key == "vllm")
+    assert not section.enabled(parse_args([])[0])
+    assert section.enabled(parse_args(["--vllm", "/opt/vllm/bin/python"])[0])
+    result = {"exact": {"tiercache/connector_hit": True, "tiercache/connector_hit_new_process": False},
+              "results": {"none/vllm_prefix_cache": {"median_ms": 40.0, "all_ms": [40.0]},
+                          "tiercache/connector_hit": {"median_ms": 50.0, "all_ms": [50.0]},
+                          "tiercache/connector_hit_new_process": {"median_ms": 80.0, "all_ms": [80.0]},
+                          "none/no_reuse_seconds": {"median_ms": 1000.0, "all_ms": [1000.0, 990.0]},
+                          "tiercache/no_reuse_seconds": {"median_ms": 1010.0, "all_ms": [1010.0, 1020.0]}}}
+    got = {r["row"]: r for r in rows(result)}
+    assert got["TTFT tiercache/connector_hit"]["ratio"] == 1.25
+    assert got["TTFT tiercache/connector_hit_new_process"]["verified"] is False   # a wrong token is a failure
+    assert got["no reuse, batch time (ratio: tiercache / no connector, best of runs)"]["ratio"] == round(1010 / 990, 3)
+    table = _table(rows(result))
+    assert "ratio" in table[0] and any("NO" in line for line in table)

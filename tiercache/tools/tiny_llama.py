@@ -1,4 +1,4 @@
-"""A small Llama and a tokenizer, built here (nothing is downloaded).
+"""A small Llama and a tokenizer, built locally (nothing is downloaded): the vLLM tests' model and the TTFT bench's.
 
 `build(dir)`: a BPE tokenizer trained on generated text, and a 4-layer Llama (hidden 512, 8 heads /
 2 KV heads, bf16, head_dim 64) with seeded random weights, both saved with `save_pretrained`.

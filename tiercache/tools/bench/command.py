@@ -57,6 +57,23 @@ SECTIONS.append(Section("core", "Core cost per block (32 layers, tiny blocks): u
                         _core_section))
 
 
+def _vllm_section(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    """TTFT on a real vLLM (its own virtual environment): tiercache's hits next to vLLM's own prefix cache."""
+    import subprocess
+
+    log(f"vllm: TTFT with {cfg.vllm_python} (8 layers, 2,048-token prompts; a few minutes)")
+    proc = subprocess.run([cfg.vllm_python, "-m", "tiercache.tools.bench.vllm_ttft", "--json",
+                           "--reps", "3" if cfg.chunks < 32 else "5"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"--vllm: the TTFT run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+
+
+SECTIONS.append(Section("vllm", "TTFT on vLLM (CPU backend, 8 layers, 2,048-token prompts): ms, and the ratio to "
+                        "vLLM's own prefix cache (goal: a warm hit <= 1.3x)", _vllm_section,
+                        enabled=lambda cfg: cfg.vllm_python is not None))
+
+
 def duration_note(cfg: BenchConfig) -> str:
     """How long the run takes, from runs measured on this project's 2-core CPU-only VM (benchmarks/README.md)."""
     if cfg == QUICK:
@@ -134,11 +151,13 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, argparse.Namespace]:
                    "posix_fadvise(DONTNEED)")
     p.add_argument("--no-drop-caches", action="store_true", help=argparse.SUPPRESS)  # the default; old scripts
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--vllm", metavar="PYTHON", help="a Python interpreter with vLLM installed (e.g. "
+                   ".venv-vllm/bin/python): adds TTFT on vLLM with and without tiercache")
     a = p.parse_args(argv)
     cfg = FULL if a.full else QUICK
     if a.drop_caches and a.no_drop_caches:
         p.error("--drop-caches and --no-drop-caches: choose one")
-    changes: dict = {"peers": a.peers, "workdir": a.workdir, "drop_caches": a.drop_caches}
+    changes: dict = {"peers": a.peers, "workdir": a.workdir, "drop_caches": a.drop_caches, "vllm_python": a.vllm}
     for name, value in (("chunks", a.chunks), ("rounds", a.rounds), ("warmup", a.warmup), ("num_layers", a.layers)):
         if value is not None:
             if value < (0 if name == "warmup" else 1):

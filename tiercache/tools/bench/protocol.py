@@ -52,6 +52,7 @@ class BenchConfig:
     peers: bool = False
     workdir: str | None = None
     seed: int = 0
+    vllm_python: str | None = None  # a Python with vLLM: adds the TTFT-on-vLLM section
 
     @property
     def layout(self) -> KVLayout:

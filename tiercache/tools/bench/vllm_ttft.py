@@ -1,10 +1,12 @@
-"""TTFT of one request on vLLM (CPU backend): cold, vLLM's own prefix cache, tiercache host and disk hits,
-vLLM's ExampleConnector; and throughput with no reuse, with and without tiercache. Each engine in its own
-process. Not a test: numbers, for the closing note.
+"""TTFT of one request on vLLM: cold, vLLM's own prefix cache, tiercache hits from host memory and from disk
+(a new process), vLLM's ExampleConnector; and throughput with no reuse, with and without tiercache. Each
+engine runs in its own process, one after another, in one run. Run it with the Python that has vLLM:
 
-    .venv-vllm/bin/python tests/vllm/bench_ttft.py [--layers 8] [--tokens 2048] [--reps 5]
+    .venv-vllm/bin/python -m tiercache.tools.bench.vllm_ttft [--layers 8] [--tokens 2048] [--reps 5] [--json]
+    tiercache bench --vllm .venv-vllm/bin/python           (the same, as a section of the bench)
 
-TTFT here is the wall time of `generate(max_tokens=1)` for one prompt (prefill + one sampled token).
+TTFT is the wall time of `generate(max_tokens=1)` for one prompt (prefill + one sampled token). Every hit
+is checked: its sampled token must be the token the cold run of the same prompt sampled.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
+       "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+DEFAULT_RUNS = ("none:store,tiercache:store,tiercache:reload,example:store,example:reload,"
+                "none:throughput,tiercache:throughput,none:throughput,tiercache:throughput")
 
 
-def worker(args: argparse.Namespace) -> None:
+def engine(args: argparse.Namespace) -> None:
+    """One engine: the phase's requests, timed; writes {series: [seconds]} and the sampled tokens."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    sys.path.insert(0, str(HERE))
-    import model
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
+
+    from tiercache.tools import tiny_llama
 
     kw = dict(model=args.model, enforce_eager=True, max_model_len=8192, gpu_memory_utilization=0.3,
               disable_log_stats=True)
@@ -41,74 +47,114 @@ def worker(args: argparse.Namespace) -> None:
                                                     kv_connector_extra_config={"shared_storage_path": args.store})
     llm = LLM(**kw)
     one = SamplingParams(temperature=0.0, max_tokens=1)
-    prompts = [model.prompt(args.tokens, 1000 + i) for i in range(args.reps)]
+    prompts = [tiny_llama.prompt(args.tokens, 1000 + i) for i in range(args.reps)]
+    tokens: dict[str, list[list[int]]] = {}
 
-    def ttft(p) -> float:
+    def ttft(series: str, p: list[int]) -> float:
         t = time.perf_counter()
-        llm.generate([{"prompt_token_ids": p}], one, use_tqdm=False)
-        return time.perf_counter() - t
+        out = llm.generate([{"prompt_token_ids": p}], one, use_tqdm=False)
+        took = time.perf_counter() - t
+        tokens.setdefault(series, []).append(list(out[0].outputs[0].token_ids))
+        return took
 
-    ttft(model.prompt(args.tokens, 999))  # warm-up
+    ttft("warmup", tiny_llama.prompt(args.tokens, 999))
     out: dict[str, list[float]] = {}
-    if args.phase == "store":  # cold, then a hit from the connector (host for tiercache) or vLLM's own cache
-        out["cold"] = [ttft(p) for p in prompts]
-        out["vllm_prefix_cache"] = [ttft(p) for p in prompts]
+    if args.phase == "store":  # cold, then a hit from vLLM's own cache, then from the connector (host memory)
+        out["cold"] = [ttft("cold", p) for p in prompts]
+        out["vllm_prefix_cache"] = [ttft("vllm_prefix_cache", p) for p in prompts]
         if args.connector == "tiercache":
             from vllm.distributed.kv_transfer import get_kv_transfer_group
             get_kv_transfer_group().worker.flush()
         llm.reset_prefix_cache()
-        out["connector_hit"] = [ttft(p) for p in prompts]
+        out["connector_hit"] = [ttft("connector_hit", p) for p in prompts]
     elif args.phase == "reload":  # a new process: hits from the store (disk for tiercache)
-        out["connector_hit_new_process"] = [ttft(p) for p in prompts]
-    elif args.phase == "throughput":  # no reuse at all: distinct prompts, tokens per second
-        batch = [{"prompt_token_ids": model.prompt(args.tokens, 5000 + i)} for i in range(4 * args.reps)]
+        out["connector_hit_new_process"] = [ttft("connector_hit_new_process", p) for p in prompts]
+    elif args.phase == "throughput":  # no reuse at all: distinct prompts, seconds for the batch
+        batch = [{"prompt_token_ids": tiny_llama.prompt(args.tokens, 5000 + i)} for i in range(4 * args.reps)]
         t = time.perf_counter()
         llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
         out["no_reuse_seconds"] = [time.perf_counter() - t]
-    Path(args.out).write_text(json.dumps(out))
+    tokens.pop("warmup", None)
+    Path(args.out).write_text(json.dumps({"seconds": out, "tokens": tokens}))
+
+
+def measure(layers: int = 8, tokens: int = 2048, reps: int = 5, runs: str = DEFAULT_RUNS, extra: str = "{}",
+            log=lambda s: None) -> dict:
+    """Run every connector:phase pair in its own process; medians in ms, and whether every hit was exact."""
+    from tiercache.tools import tiny_llama
+
+    tmp = Path(tempfile.mkdtemp(prefix="tiercache-vllm-bench-"))
+    mdir = str(tiny_llama.build(tmp / "model", num_layers=layers))
+    env = dict(os.environ)
+    for k, v in ENV.items():
+        env.setdefault(k, v)
+    results: dict[str, list[float]] = {}
+    sampled: dict[str, list[list[int]]] = {}
+    stores: dict[str, str] = {}
+    for i, (connector, phase) in enumerate(tuple(r.split(":")) for r in runs.split(",")):
+        log(f"vllm: {connector} {phase}")
+        out = tmp / f"{i}-{connector}-{phase}.json"
+        if phase != "reload":  # every store/throughput run starts from an empty store; a reload reads the last one
+            stores[connector] = str(tmp / f"store-{i}")
+        proc = subprocess.run([sys.executable, "-m", "tiercache.tools.bench.vllm_ttft", "--engine", "--model", mdir,
+                               "--store", stores[connector], "--out", str(out), "--connector", connector,
+                               "--phase", phase, "--tokens", str(tokens), "--reps", str(reps), "--extra", extra],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM engine ({connector} {phase}) exited with {proc.returncode}:\n"
+                               f"{(proc.stdout + proc.stderr)[-4000:]}")
+        got = json.loads(out.read_text())
+        for k, v in got["seconds"].items():
+            results.setdefault(f"{connector}/{k}", []).extend(round(x * 1000, 1) for x in v)
+        for k, v in got["tokens"].items():
+            sampled[f"{connector}/{k}"] = v
+    cold = sampled.get("none/cold")
+    exact = {k: v == cold for k, v in sampled.items() if cold is not None and k != "none/cold"}
+    return {"layers": layers, "tokens": tokens, "reps": reps, "exact": exact,
+            "results": {k: {"median_ms": statistics.median(v), "all_ms": v} for k, v in results.items()}}
+
+
+def rows(result: dict) -> list[dict]:
+    """The bench section's rows: each TTFT as a ratio to vLLM's own prefix cache (its bound); the batch time
+    with no reuse as a ratio to vLLM without a connector. `verified`: every hit sampled the cold run's token."""
+    res = result["results"]
+    bound = res.get("none/vllm_prefix_cache", {}).get("median_ms")
+    out = []
+    for name, r in res.items():
+        if name.endswith("no_reuse_seconds"):
+            continue
+        out.append({"row": f"TTFT {name}", "median_ms": r["median_ms"],
+                    "ratio": round(r["median_ms"] / bound, 2) if bound else None,
+                    "verified": result["exact"].get(name, True)})
+    none = [x for x in res.get("none/no_reuse_seconds", {}).get("all_ms", [])]
+    tc = [x for x in res.get("tiercache/no_reuse_seconds", {}).get("all_ms", [])]
+    if none and tc:
+        out.append({"row": "no reuse, batch time (ratio: tiercache / no connector, best of runs)",
+                    "median_ms": min(tc), "ratio": round(min(tc) / min(none), 3), "verified": True})
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m tiercache.tools.bench.vllm_ttft", description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--worker", action="store_true")
-    ap.add_argument("--model"), ap.add_argument("--store"), ap.add_argument("--out")
-    ap.add_argument("--connector", default="none"), ap.add_argument("--phase", default="store")
+    ap.add_argument("--json", action="store_true", help="print the section's rows and the raw figures as JSON")
+    ap.add_argument("--engine", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--connector", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--phase", default="store", help=argparse.SUPPRESS)
     ap.add_argument("--extra", default="{}", help="more kv_connector_extra_config for tiercache, as JSON")
-    ap.add_argument("--runs", default="none:store,tiercache:store,tiercache:reload,example:store,example:reload,"
-                                      "none:throughput,tiercache:throughput,none:throughput,tiercache:throughput",
+    ap.add_argument("--runs", default=DEFAULT_RUNS,
                     help="connector:phase pairs, in order (throughput twice, alternating, against drift)")
     args = ap.parse_args()
-    if args.worker:
-        return worker(args)
-    sys.path.insert(0, str(HERE))
-    import model
-    from conftest import engine_env
-
-    tmp = Path(tempfile.mkdtemp(prefix="tiercache-vllm-bench-"))
-    mdir = str(model.build(tmp / "model", num_layers=args.layers))
-    results: dict = {}
-    runs = [tuple(r.split(":")) for r in args.runs.split(",")]
-    stores: dict[str, str] = {}
-    stores_made: list[str] = []
-    for connector, phase in runs:
-        out = tmp / f"{connector}-{phase}.json"
-        # every store/throughput run starts from an empty store; a reload reads the last store run's
-        if phase != "reload":
-            stores[connector] = str(tmp / f"store-{connector}-{len(stores_made)}")
-            stores_made.append(stores[connector])
-        store = stores[connector]
-        subprocess.run([sys.executable, __file__, "--worker", "--model", mdir, "--store", store, "--out", str(out),
-                        "--connector", connector, "--phase", phase, "--tokens", str(args.tokens),
-                        "--reps", str(args.reps), "--extra", args.extra], env=engine_env(), check=True,
-                       capture_output=True)
-        for k, v in json.loads(out.read_text()).items():
-            results.setdefault(f"{connector}/{k}", []).extend(round(x * 1000, 1) for x in v)
-    results = {k: {"median_ms": statistics.median(v), "all_ms": v} for k, v in results.items()}
-    print(json.dumps({"layers": args.layers, "tokens": args.tokens, "reps": args.reps, "results": results},
-                     indent=1))
+    if args.engine:
+        return engine(args)
+    result = measure(args.layers, args.tokens, args.reps, args.runs, args.extra,
+                     log=lambda s: print(f"[vllm-bench] {s}", file=sys.stderr, flush=True))
+    print(json.dumps({**result, "rows": rows(result)}, indent=None if args.json else 1))
 
 
 if __name__ == "__main__":
