@@ -174,6 +174,9 @@ class CacheConfig:
     # filesystem stays an error, not SIGBUS), or is not used, said once, where the filesystem cannot hold it
     disk_writemap: bool = False
     io_threads: int = 2
+    # integrations that can load in the background (the vLLM connector) do so for a request whose blocks to
+    # bring up from disk or remote exceed this; 0: always, None: never (loads finish before the forward)
+    async_load_bytes: Any = "64MiB"
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -229,6 +232,8 @@ class CacheConfig:
         if not isinstance(self.disk_writemap, bool):
             raise TypeError(f"disk_writemap: expected a bool, got {self.disk_writemap!r}")
         _positive_int(self.io_threads, "io_threads")
+        if self.async_load_bytes is not None:
+            object.__setattr__(self, "async_load_bytes", parse_size(self.async_load_bytes, "async_load_bytes"))
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool)
                                               or not isinstance(self.metrics_port, int)
                                               or not 0 <= self.metrics_port <= 65535):

@@ -72,6 +72,10 @@ def test_second_process_gets_the_prefix_from_tiercache(run_engine, reference, tm
     assert m[HITS] == (7 + 11) * 128
     assert m[DISK_HITS] == m[HITS]
     assert tc_hits(m, "disk") == m[HITS]         # a new worker's host memory is empty: all from disk
+    # the same, loaded in the background (the request waits, not scheduled, until the worker reports it)
+    third = run_engine([phase(["q2"])], extra={**cfg, "async_load_bytes": 0}, multiprocess=True)
+    assert_same(third, [["q2"]], reference())
+    assert third["phases"][-1]["metrics"][HITS] == 7 * 128
 
 
 def _damage_every_other_frame(path) -> int:

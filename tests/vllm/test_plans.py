@@ -9,6 +9,7 @@ against what recomputing it would give. After every scenario nothing may stay pi
 from __future__ import annotations
 
 import hashlib
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -269,3 +270,38 @@ def test_tensor_parallel_ranks_must_all_succeed(engine, monkeypatch):
     assert r["hit_blocks"] == 3 and r["loaded_exact"] == [[True] * 3, [True] * 3]   # each rank its own KV
     assert e.workers[0].slot_keys != e.workers[1].slot_keys   # the ranks' namespaces differ
     assert e.idle()
+
+
+def test_asynchronous_load_reports_the_request_when_its_blocks_are_in(engine, tmp_path):
+    cfg = {"host_bytes": 64 * BLOCK_BYTES, "disk_path": str(tmp_path / "store"), "disk_bytes": "64MiB",
+           "async_load_bytes": 0}       # every slow-tier load in the background
+    a = engine(cfg)
+    toks = doc(5, 9)
+    a.run(a.request(toks))
+    a.workers[0].flush()
+    a.close()
+    b = engine(cfg)
+    s, w = b.sched, b.workers[0]
+    req = b.request(toks)
+    hit, is_async = s.num_new_matched_tokens(req, 0)
+    assert (hit, is_async) == (5 * B, True)
+    pages = [b.free.pop(0) for _ in range(6)]
+    s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (pages,)), hit)
+    idle_step = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={}, scheduled_spec_decode_tokens={},
+                                scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
+                                                                      resumed_req_ids=set()))
+    meta = s.build_meta(idle_step)          # the request is not scheduled while it waits for its KV
+    assert [j.is_async for j in meta.loads] == [True]
+    w.start_load(meta)
+    deadline = time.monotonic() + 30
+    done: set[str] = set()
+    while req.request_id not in done and time.monotonic() < deadline:
+        done |= w.finished_loads()
+        time.sleep(0.01)
+    assert req.request_id in done and not w.failed_blocks()
+    s.update_connector_output(w.take_report())
+    for i in range(5):
+        assert torch.equal(Engine._read_page(w, pages[i]), block_kv(toks, i, 0))
+    assert s.describe()["host_blocks"] == 5 and b.idle()   # promoted, nothing left pinned
+    # a small load from host memory stays synchronous
+    assert s.num_new_matched_tokens(b.request(toks), 0) == (5 * B, False)

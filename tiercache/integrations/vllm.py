@@ -91,7 +91,8 @@ class TierCacheConnector(KVConnectorBase_V1):
             self.worker.save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # saves copy their blocks during the step; loads are synchronous
+        # saves copy their blocks during the step (nothing to report); asynchronous loads that are done
+        return None, self.worker.finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.failed_blocks()

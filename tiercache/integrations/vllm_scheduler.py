@@ -50,6 +50,7 @@ class LoadJob:
     block_ids: list[int]
     host_slots: list[int] = field(default_factory=list)
     promote: dict[int, int] = field(default_factory=dict)
+    is_async: bool = False     # loaded in the background; the request waits until a worker reports it
 
 
 @dataclass
@@ -100,7 +101,7 @@ class _Req:
     tiers: list[str] = field(default_factory=list)  # ... and the serving tier of every cached block
     local_tokens: int = 0          # vLLM's own prefix-cache hit at that lookup
     lookup_tokens: int = 0         # tokens that lookup asked tiercache about
-    pending_load: LoadJob | None = None
+    is_async: bool = False         # that lookup answered: load in the background
 
 
 @dataclass
@@ -138,6 +139,7 @@ class SchedulerSide:
                 self.views.append(TierCache(cache_config(vllm_config, kv_cache_config, tp_rank=rank, host_bytes=0,
                                                          metrics_port=None)))
         self.reqs: dict[str, _Req] = {}
+        self.new_loads: list[LoadJob] = []   # planned since the last step's metadata
         self.pending: dict[int, _Pending] = {}
         self._next_job = 0
         self.stats = TierCacheStats()
@@ -175,7 +177,7 @@ class SchedulerSide:
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         st = self._state(request)
-        st.pending_load, st.host_blocks, st.tiers = None, 0, []
+        st.host_blocks, st.tiers, st.is_async = 0, [], False
         st.local_tokens, st.lookup_tokens = num_computed_tokens, 0
         salt = salt_of(request)
         if salt is False:
@@ -191,7 +193,13 @@ class SchedulerSide:
             if self.views and len(host) < limit else []
         st.host_blocks, st.tiers = len(host), host + slow
         st.lookup_tokens = limit * B - num_computed_tokens
-        return max(0, len(st.tiers) * B - num_computed_tokens), False
+        new = max(0, len(st.tiers) * B - num_computed_tokens)
+        # worth loading in the background: enough bytes to bring up from the slow tiers (host copies are fast)
+        threshold = self.cfg.async_load_bytes
+        slow_blocks = len(st.tiers) - max(len(host), num_computed_tokens // B)
+        st.is_async = bool(new) and threshold is not None and slow_blocks > 0 and \
+            slow_blocks * self.cfg.layout.block_bytes >= threshold   # per worker: each loads its own shard
+        return new, st.is_async
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[str, int]:
         """Tokens of this admission's external hit by tier name (host, disk, remote)."""
@@ -233,16 +241,17 @@ class SchedulerSide:
             promote = {h + i: slot for i, dsts in plan.dsts.items() for t, slot in dsts if t == "host"}
         salt = salt_of(request)
         job = LoadJob(self._job_id(), request.request_id, list(request.all_token_ids[:end * B]), salt, start,
-                      block_ids, host_slots, promote)
+                      block_ids, host_slots, promote, st.is_async)
         tiers = ["host"] * h + st.tiers[start + h:end]
         self.pending[job.job_id] = _Pending(request.request_id, "load", start, plans, len(keys), tiers)
-        st.pending_load = job
+        self.new_loads.append(job)
 
     # -- per step --------------------------------------------------------------------------------
     def build_meta(self, scheduler_output: Any) -> TierCacheMetadata:
         from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data
 
-        meta = TierCacheMetadata()
+        meta = TierCacheMetadata(loads=self.new_loads)  # an asynchronous one's request is not scheduled yet
+        self.new_loads = []
         for req_id, new_ids, resumed in yield_req_data(scheduler_output):
             st = self.reqs.get(req_id)
             if st is None:
@@ -259,9 +268,6 @@ class SchedulerSide:
             if st is None:
                 continue
             req = st.req
-            if st.pending_load is not None:
-                meta.loads.append(st.pending_load)
-                st.pending_load = None
             salt = salt_of(req)
             if salt is False:
                 continue

@@ -74,6 +74,9 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._queued = 0
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-vllm-save")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-vllm-load")
+        self._loading: set[str] = set()      # requests whose asynchronous load runs
+        self._recved: set[str] = set()       # ... and finished (their failed blocks are already in _failed)
         # cumulative (what a test or an operator reads) and per-interval (what vLLM ships to /metrics)
         self.counters = {"loaded_tokens": 0, "failed_blocks": 0, "saved_tokens": 0, "dropped_saves": 0,
                          "save_errors": 0, "host_loaded_tokens": 0, "slow_loaded_tokens": 0}
@@ -114,17 +117,40 @@ class WorkerSide:
     # -- loads -----------------------------------------------------------------------------------
     def start_load(self, meta: TierCacheMetadata) -> None:
         self._failed_reqs = set()
-        for i, job in enumerate(meta.loads):
+        sync = [job for job in meta.loads if not job.is_async]
+        for job in meta.loads:
+            if job.is_async:  # the request waits (not scheduled) until get_finished reports it
+                with self._lock:
+                    self._loading.add(job.req_id)
+                self._loader.submit(self._run_async, job)
+        for i, job in enumerate(sync):
             ok = [False] * len(job.block_ids)   # block j is in vLLM's pages
             unfilled: set[int] = set()          # ... but the host slot reserved for it was not filled
             try:
                 self._load(job, ok, unfilled)
             except BaseException:  # KeyboardInterrupt: this job and the ones after it end as they are
-                for rest in meta.loads[i + 1:]:
+                for rest in sync[i + 1:]:
                     self._loaded(rest, [False] * len(rest.block_ids), set())
                 raise
             finally:  # the scheduler releases exactly what did not arrive
                 self._loaded(job, ok, unfilled)
+
+    def _run_async(self, job: LoadJob) -> None:
+        ok = [False] * len(job.block_ids)
+        unfilled: set[int] = set()
+        try:
+            self._load(job, ok, unfilled)
+        finally:
+            self._loaded(job, ok, unfilled)
+            with self._lock:  # failed blocks are recorded before the request is reported finished
+                self._loading.discard(job.req_id)
+                self._recved.add(job.req_id)
+
+    def finished_loads(self) -> set[str]:
+        """Requests whose asynchronous load is done (vLLM's finished_recving)."""
+        with self._lock:
+            out, self._recved = self._recved, set()
+        return out
 
     def _load(self, job: LoadJob, ok: list[bool], unfilled: set[int]) -> None:
         B = self.layout.block_size
@@ -170,14 +196,17 @@ class WorkerSide:
         self.counters["loaded_tokens"] += served * B
         failed = [bid for bid, good in zip(job.block_ids, ok) if not good]
         if failed:
-            self._failed.update(failed)
-            self._failed_reqs.add(job.req_id)
+            with self._lock:
+                self._failed.update(failed)
+            if not job.is_async:  # this step's forward attended to what was not loaded: no saves from it
+                self._failed_reqs.add(job.req_id)
             self.counters["failed_blocks"] += len(failed)
             self.stats.count("recomputed_blocks", len(failed))
         self._report(job.job_id, [good and j not in unfilled for j, good in enumerate(ok)])
 
     def failed_blocks(self) -> set[int]:
-        out, self._failed = self._failed, set()
+        with self._lock:
+            out, self._failed = self._failed, set()
         return out
 
     # -- saves -----------------------------------------------------------------------------------
@@ -248,12 +277,14 @@ class WorkerSide:
 
     # -- reports ---------------------------------------------------------------------------------
     def _report(self, job_id: int, ok: list[bool]) -> None:
-        self._done[job_id] = ok
+        with self._lock:
+            self._done[job_id] = ok
 
     def take_report(self) -> TierCacheWorkerMeta | None:
-        if not self._done:
-            return None
-        done, self._done = self._done, {}
+        with self._lock:
+            if not self._done:
+                return None
+            done, self._done = self._done, {}
         return TierCacheWorkerMeta({jid: (1, ok) for jid, ok in done.items()})
 
     def flush(self) -> None:
@@ -263,6 +294,7 @@ class WorkerSide:
             self.cache.flush()
 
     def close(self) -> None:
+        self._loader.shutdown(wait=True)
         self._saver.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()
