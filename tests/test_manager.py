@@ -369,3 +369,35 @@ def test_concurrent_store_and_load_stay_bit_exact(make_cache, layout):
     c.flush()
     for i, kv in prompts.items():
         assert same_bytes(c.load(toks(16, start=i * 100)), kv)
+
+
+def test_keys_level_store_and_load_match_the_token_api(make_cache, layout):
+    from tiercache.keys import Keyer
+
+    c = make_cache(host_blocks=8)
+    kv = make_kv(layout, 4 * layout.block_size)
+    keys = Keyer(c.cfg).keys(toks(4 * layout.block_size))
+    assert keys == c.keys(toks(4 * layout.block_size))        # the same keys in another process
+    blocks = kv[:, :, 2 * layout.block_size:].unflatten(2, (2, layout.block_size))
+    assert c.store_keys(keys[2:], blocks) == 2                # a request's later blocks, without its prefix
+    assert c.lookup(toks(4 * layout.block_size)) == 0          # the prefix is not cached ...
+    assert same_bytes(c.load_keys(keys[2:]), kv[:, :, 2 * layout.block_size:])   # ... its later blocks are
+    with pytest.raises(ValueError, match="blocks: expected"):
+        c.store_keys(keys[:1], blocks)
+    with pytest.raises(TypeError, match="keys: expected BlockKey"):
+        c.load_keys([b"x" * 16])
+
+
+def test_publish_false_registers_nothing_and_external_tiers_are_recorded(layout):
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    cfg = CacheConfig(layout=layout, host_bytes=0)
+    with TierCache(cfg, reg, publish=False) as c:
+        assert c.metrics is None and not list(reg.collect())
+    with TierCache(cfg, reg, external_tiers=("host",)) as c:
+        c.recorder.loaded("host", layout.block_bytes, 0.001, layout.block_size)
+        assert c.stats()["loaded_tokens"]["host"] == layout.block_size
+        assert reg.get_sample_value("tiercache_loaded_bytes_total", {"tier": "host"}) == layout.block_bytes
+    with pytest.raises(ValueError, match="external_tiers"):
+        TierCache(cfg, external_tiers=("disk",))

@@ -34,7 +34,11 @@ from .writebehind import EvictionGate, WriteBehind
 
 
 class TierCache:
-    def __init__(self, cfg: CacheConfig, registry: Any = None) -> None:
+    def __init__(self, cfg: CacheConfig, registry: Any = None, *, publish: bool = True,
+                 external_tiers: tuple[str, ...] = ()) -> None:
+        """`publish=False`: no Prometheus series at all (a read view whose owner publishes them).
+        `external_tiers`: memory tiers the caller keeps itself (the vLLM worker's host slab, whose slots
+        the scheduler decides) but records in this cache's stats and metrics (`recorder`)."""
         if not isinstance(cfg, CacheConfig):
             raise TypeError(f"cfg: expected a CacheConfig, got {type(cfg).__name__}")
         self.cfg = cfg
@@ -50,14 +54,18 @@ class TierCache:
                                  f"for {layout.fingerprint()}); use 0 to turn the tier off")
         slots = {"device": cfg.device_bytes // layout.block_bytes, "host": cfg.host_bytes // layout.block_bytes}
         self.disk = self.remote = None
-        tiers = [t for t in ("device", "host") if slots[t]]
+        unknown = set(external_tiers) - {"device", "host"}
+        if unknown:
+            raise ValueError(f"external_tiers: expected memory tiers among ['device', 'host'], got {sorted(unknown)}")
+        tiers = [t for t in ("device", "host") if slots[t] or t in external_tiers]
         if cfg.disk_enabled:
             tiers.append("disk")
         if cfg.remote_url:
             tiers.append("remote")
         self.metrics = None
         self._exporter = None
-        if registry is not None or cfg.metrics_port is not None or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if publish and (registry is not None or cfg.metrics_port is not None
+                        or os.environ.get("PROMETHEUS_MULTIPROC_DIR")):
             from .metrics import PromMetrics, is_multiprocess
             if registry is None and cfg.metrics_port is not None and not is_multiprocess():
                 from prometheus_client import CollectorRegistry

@@ -158,6 +158,9 @@ def test_host_hits_are_offered_by_the_scheduler_and_served_bit_exact(engine):
     assert second["hit_blocks"] == 6 and not second["failed"]
     assert second["loaded_exact"] == [[True] * 6]
     assert e.sched.stats.data.get("hit_tokens.host") == 6 * B
+    st = e.workers[0].cache.stats()          # the worker's own stats (and exporter) count its host slab
+    assert st["loaded_tokens"]["host"] == 6 * B and st["blocks"]["host"] == 6
+    assert st["stored_bytes"]["host"] == 6 * BLOCK_BYTES and st["capacity_bytes"]["host"] == 64 * BLOCK_BYTES
     assert e.idle()
 
 

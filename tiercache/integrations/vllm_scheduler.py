@@ -136,8 +136,9 @@ class SchedulerSide:
         self.views: list[TierCache] = []
         if self.cfg.disk_enabled or self.cfg.remote_url:
             for rank in range(self.tp_size):
+                # the workers publish the tiers' series; a view would count the disk's gauges twice
                 self.views.append(TierCache(cache_config(vllm_config, kv_cache_config, tp_rank=rank, host_bytes=0,
-                                                         metrics_port=None)))
+                                                         metrics_port=None), publish=False))
         self.reqs: dict[str, _Req] = {}
         self.new_loads: list[LoadJob] = []   # planned since the last step's metadata
         self.pending: dict[int, _Pending] = {}

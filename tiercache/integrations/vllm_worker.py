@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -63,9 +64,11 @@ class WorkerSide:
         self.host = MemorySlab("host", self.layout, n, torch.device("cpu"), pin=torch.cuda.is_available()) \
             if n else None
         self.slot_keys: list[bytes | None] = [None] * n
+        self._held = 0   # slots holding a block
         # The slow tiers (this rank's namespace). Host memory is the slab above, decided by the scheduler.
-        self.cache = TierCache(dataclasses.replace(self.cfg, host_bytes=0)) \
-            if self.cfg.disk_enabled or self.cfg.remote_url else None
+        # Its recorder also counts the host slab (hits, stores, usage) for tiercache's own exporter.
+        self.cache = TierCache(dataclasses.replace(self.cfg, host_bytes=0), external_tiers=("host",) if n else ()) \
+            if self.cfg.disk_enabled or self.cfg.remote_url or n else None
         self.layers: list[torch.Tensor] = []
         self.page_layout: str | None = None
         self._failed: set[int] = set()
@@ -107,12 +110,20 @@ class WorkerSide:
     # -- host slots ------------------------------------------------------------------------------
     def _fill_slots(self, slots: list[int], keys: list[bytes], blocks: torch.Tensor) -> None:
         """Copy blocks [n, L, 2, B, H, D] into host slots; each slot's key is set only once its bytes are in."""
+        t0 = time.perf_counter()
         for s in slots:
-            self.slot_keys[s] = None  # what the slot held is gone from here on
+            if self.slot_keys[s] is not None:
+                self.slot_keys[s] = None  # what the slot held is gone from here on
+                self._held -= 1
         idx = torch.tensor(slots, dtype=torch.long)
         self.host.tensor.index_copy_(0, idx, blocks if blocks.device.type == "cpu" else blocks.cpu())
         for s, k in zip(slots, keys):
             self.slot_keys[s] = k
+        self._held += len(slots)
+        bb = self.layout.block_bytes
+        rec = self.cache.recorder
+        rec.stored("host", len(slots) * bb, time.perf_counter() - t0)
+        rec.usage("host", self._held * bb, len(self.slot_keys) * bb, self._held)
 
     # -- loads -----------------------------------------------------------------------------------
     def start_load(self, meta: TierCacheMetadata) -> None:
@@ -161,6 +172,7 @@ class WorkerSide:
             if h and self.host is not None:
                 good = [j for j in range(h) if self.slot_keys[job.host_slots[j]] == keys[j]]
                 if good:
+                    t0 = time.perf_counter()
                     idx = torch.tensor([job.host_slots[j] for j in good], dtype=torch.long)
                     blocks = self.host.tensor.index_select(0, idx)           # [m, L, 2, B, H, D]
                     vllm_pages.scatter(blocks.to(self.layers[0].device), self.layers,
@@ -168,6 +180,8 @@ class WorkerSide:
                     for j in good:
                         ok[j] = True
                     self.counters["host_loaded_tokens"] += len(good) * B
+                    self.cache.recorder.loaded("host", len(good) * self.layout.block_bytes,
+                                               time.perf_counter() - t0, len(good) * B)
             if h < n and self.cache is not None:
                 kv = self.cache.load_keys(keys[h:])                        # [L, 2, m*B, H, D], the served run
                 m = kv.shape[2] // B
