@@ -231,3 +231,45 @@ def test_prefetch_into_device_then_load(tmp_path, gpu_layout):
         c.prefetch(list(range(64))).wait()
         out = c.load(list(range(64)))
         assert out.is_cuda and same_bytes(out, kv)
+
+
+# -- pinned staging for every host<->device copy, and timings from events -----------------------------------
+def test_a_staging_buffer_is_not_refilled_before_its_copy_ran():
+    """One pinned buffer, three chunks, the stream held back: a buffer handed out again before its copy
+    ran would be overwritten by the next chunk, and the first rows of out would hold the last chunk's."""
+    from tiercache.pinned import host_to_device
+
+    src = torch.arange(3 * (1 << 18), dtype=torch.float32).reshape(3, 1 << 18)
+    with StagingPool(src[0].numel() * 4, count=1) as pool:
+        assert pool.pinned
+        out = torch.full((3, 1 << 18), -1.0, device="cuda")
+        torch.cuda._sleep(SLOW)                      # the copies queue behind this on the current stream
+        host_to_device(pool, src, 0, None, out)
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), src) and pool.free() == 1
+
+
+def test_host_tier_copies_go_through_the_pinned_pool(gpu_layout):
+    cfg = CacheConfig(layout=gpu_layout, device="cuda", device_bytes=0, host_bytes=64 * gpu_layout.block_bytes)
+    with TierCache(cfg) as c:
+        kv = kv_on_gpu(gpu_layout, 256)
+        c.store(list(range(256)), kv)
+        pool = c.mover.pool
+        assert pool is c.slabs["host"].staging and pool.pinned and pool.acquired >= 1
+        before = pool.acquired
+        assert same_bytes(c.load(list(range(256))), kv)
+        assert pool.acquired > before
+
+
+def test_store_into_the_host_tier_has_the_bytes_before_the_host_reads_them(gpu_layout):
+    """Device -> host slab: the host must not read a staging buffer before its copy landed (the
+    producer is late on the current stream, so an early read sees the buffer's old contents)."""
+    cfg = CacheConfig(layout=gpu_layout, device="cuda", device_bytes=0, host_bytes=64 * gpu_layout.block_bytes)
+    with TierCache(cfg) as c:
+        for seed in range(3):
+            toks = list(range(seed * 1000, seed * 1000 + 256))
+            torch.cuda._sleep(SLOW)
+            kv = kv_on_gpu(gpu_layout, 256, seed)    # produced after the sleep, on the current stream
+            c.store(toks, kv)
+            out = torch.empty(gpu_layout.kv_shape(256), dtype=gpu_layout.dtype)  # host memory: no device copy
+            assert same_bytes(c.load(toks, out=out), kv.cpu())

@@ -404,3 +404,93 @@ def test_cuda_and_host_jobs_order_after_each_other(fake_cuda):
     threading.Timer(0, gate.set).start()
     h2d = eng.submit(lambda: log.append("enqueued"), "h2d", after=fill)    # must not enqueue before it
     assert log == ["filled", "enqueued"] and h2d.ok
+
+
+# -- pinned staging: every host<->device copy goes through the pool (checked here on CPU tensors) ---------
+def test_host_to_device_gathers_through_the_pool_in_chunks():
+    from tiercache.pinned import host_to_device
+
+    src = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)   # rows along dim 1: 12 bytes each
+    idx = torch.tensor([6, 0, 6, 3, 5])                                   # odd order, a repeated id
+    with StagingPool(24, count=2, pin=False) as pool:                     # 24 bytes: one row of both planes
+        out = torch.full((2, 5, 3), -1.0)
+        host_to_device(pool, src, 1, idx, out)
+        assert torch.equal(out, src.index_select(1, idx))
+        assert pool.acquired == 5 and pool.free() == 2                    # one buffer per chunk, all back
+        out2 = torch.full((2, 6, 3), -1.0)
+        host_to_device(pool, src, 1, idx[:2], out2, pos=torch.tensor([4, 1]))
+        want = torch.full((2, 6, 3), -1.0)
+        want.index_copy_(1, torch.tensor([4, 1]), src.index_select(1, idx[:2]))
+        assert torch.equal(out2, want)
+
+
+def test_device_to_host_does_not_deadlock_on_a_one_buffer_pool():
+    from tiercache.pinned import device_to_host
+
+    src = torch.randn(3, 9, 4)
+    with StagingPool(3 * 4 * 4 * 2, count=1, pin=False) as pool:         # two rows a chunk, five chunks
+        out = torch.zeros(3, 9, 4)
+        t = threading.Thread(target=device_to_host, args=(pool, src, 1, out))
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive() and torch.equal(out, src)
+        scattered = torch.zeros(3, 12, 4)
+        pos = torch.tensor([11, 0, 5, 7, 1, 2, 3, 9, 10])
+        device_to_host(pool, src, 1, scattered, pos=pos)
+        assert torch.equal(scattered.index_select(1, pos), src) and pool.free() == 1
+
+
+def test_a_staging_buffer_is_reused_only_after_the_copy_that_read_it(monkeypatch):
+    """H2D: each buffer goes back with an event after its copy; the next chunk waits for it, not before."""
+    import tiercache.pinned as pinned
+
+    log = []
+
+    class Done:
+        def __init__(self, device=None, stream=None):
+            self.n, self.finished = len([e for e in log if e[0] == "enqueued"]), False
+            log.append(("enqueued", self.n))
+
+        def done(self):
+            return self.finished  # the "device" never finishes by itself: only wait() gets past it
+
+        def wait(self):
+            log.append(("waited", self.n))
+            self.finished = True
+
+    monkeypatch.setattr(pinned, "CopyDone", Done)
+    src = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
+    with StagingPool(16, count=1, pin=False) as pool:
+        out = torch.zeros(1, 3, 4)
+        pinned.host_to_device(pool, src, 1, None, out)
+        assert torch.equal(out, src)
+        # chunk k+1 got the only buffer after chunk k's copy was waited for, never while it was in flight
+        assert log == [("enqueued", 0), ("waited", 0), ("enqueued", 1), ("waited", 1), ("enqueued", 2)]
+
+
+def test_staged_paths_of_a_whole_cache_are_bit_exact(make_cache, layout, monkeypatch):
+    """Store, spill, write-behind, disk reads, promotion, load and layer-wise load with every copy between
+    two tiers taken down the staged (host<->device) path, through a pool of one-block buffers."""
+    import tiercache.pinned as pinned
+    from tiercache.tiers import slab
+
+    from .conftest import make_kv, same_bytes
+
+    monkeypatch.setattr(pinned, "crosses", lambda a, b: True)
+    monkeypatch.setattr(slab, "STAGING_BYTES", 1)  # buffers of one block: many chunks
+    cache = make_cache(host_blocks=3, device_blocks=2, disk=True)
+    tokens = list(range(7 * layout.block_size))
+    kv = make_kv(layout, len(tokens), seed=3)
+    assert cache.store(tokens, kv) == len(tokens)
+    cache.flush()
+    assert cache.lookup_by_tier(tokens)["disk"] > 0                 # 5 memory slots for 7 blocks
+    assert same_bytes(cache.load(tokens), kv)                       # device + host + disk, promotions
+    out = torch.zeros(layout.kv_shape(len(tokens)), dtype=layout.dtype)
+    assert same_bytes(cache.load(tokens, out=out), kv)
+    ll = cache.load_layers(tokens)
+    assert same_bytes(torch.stack([ll.wait_layer(i) for i in range(layout.num_layers)]), kv)
+    ll.wait()
+    pool = cache.mover.pool
+    assert pool.buffer_bytes == layout.block_bytes and pool.acquired > 10
+    assert pool.free() == 4
+    assert all(v == {"pinned": 0, "reserved": 0} for v in cache.stats()["in_flight"].values())

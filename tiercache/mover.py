@@ -6,6 +6,11 @@
     gather     the served prefix copied into the caller's tensor: one index_select per medium
     promote    blocks copied into the memory slots reserved for them above their source
 
+Every copy between the host and a CUDA device goes through the pinned staging pool
+(`tiercache.pinned`): host rows are gathered into pinned buffers and copied asynchronously
+on the current stream (a buffer is reused only after its copy has run); device rows come
+down through pinned buffers before the host reads them.
+
 Every decode task is waited for before a plan is completed, whatever happened
 (an error in a sibling task, a KeyboardInterrupt in the caller): no task may
 still write into a slot once the core has released it.
@@ -21,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import pinned
 from .codec import frame_segments
 from .config import KVLayout
 from .core.plans import LoadPlan, Loc, Spill
 from .errors import CorruptFrame, OnceLogger
-from .tiers.slab import MemorySlab, StagingArea
+from .tiers.slab import MemorySlab, StagingArea, staging_pool
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -36,7 +42,9 @@ class Mover:
     def __init__(self, layout: KVLayout, slabs: dict[str, MemorySlab], staging: StagingArea, *, disk: Any,
                  remote: Any, codec: Any, io: cf.ThreadPoolExecutor, io_threads: int, recorder: Any,
                  log: OnceLogger, on_corrupt: Callable[[str, Any, Exception], None],
-                 on_missing: Callable[[str, list], None] | None = None) -> None:
+                 on_missing: Callable[[str, list], None] | None = None,
+                 pool: pinned.StagingPool | None = None) -> None:
+        self._pool = pool
         self._on_missing = on_missing or (lambda tier, keys: None)
         self.layout = layout
         self.slabs = slabs
@@ -47,6 +55,24 @@ class Mover:
         self.recorder = recorder
         self._log = log
         self._on_corrupt = on_corrupt
+
+    @property
+    def pool(self) -> pinned.StagingPool:
+        """The pinned staging pool for host<->device copies (the cache's, else the host slab's or its own)."""
+        if self._pool is None:
+            host = next((s for s in self.slabs.values() if s.device.type == "cpu"), None)
+            self._pool = host.staging if host is not None else staging_pool(self.layout)
+        return self._pool
+
+    def copy_block(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst <- src for one block (or one layer of it); through pinned staging across host and device.
+        Returns with dst usable by the host (when dst is on the host) or by the current stream."""
+        if not pinned.crosses(dst.device, src.device):
+            dst.copy_(src)
+        elif src.device.type == "cpu":
+            pinned.host_to_device(self.pool, src.unsqueeze(0), 0, None, dst.unsqueeze(0))
+        else:
+            pinned.device_to_host(self.pool, src.unsqueeze(0), 0, dst.unsqueeze(0))
 
     # -- locations -----------------------------------------------------------------------
     def tensor(self, loc: Loc) -> torch.Tensor:
@@ -62,14 +88,25 @@ class Mover:
     def write_blocks(self, plan: Any, kv6: torch.Tensor) -> None:
         """Copy the caller's blocks (kv6: [L, planes, n, B, H, D]) into every slot the store plan reserved."""
         per_slab: dict[str, tuple[list[int], list[int]]] = {}
+        staged: list[tuple[int, int]] = []
         for i, dsts in plan.dsts.items():
             for medium, slot in dsts:
                 if medium == "stage":
-                    self.staging.get(slot).copy_(kv6[:, :, i])
+                    staged.append((i, slot))
                 else:
                     pos, slots = per_slab.setdefault(medium, ([], []))
                     pos.append(i)
                     slots.append(slot)
+        if staged and pinned.crosses(kv6.device, torch.device("cpu")):
+            # device -> staging buffers: gathered on the device, brought down through pinned buffers at once
+            picked = kv6.index_select(2, torch.tensor([i for i, _ in staged], device=kv6.device))
+            host = torch.empty(picked.shape, dtype=picked.dtype)
+            pinned.device_to_host(self.pool, picked, 2, host)
+            for j, (_, sid) in enumerate(staged):
+                self.staging.get(sid).copy_(host[:, :, j])
+        else:
+            for i, sid in staged:
+                self.staging.get(sid).copy_(kv6[:, :, i])
         for medium, (pos, slots) in per_slab.items():
             src = kv6 if len(pos) == kv6.shape[2] else \
                 kv6.index_select(2, torch.tensor(pos, device=kv6.device))
@@ -83,7 +120,7 @@ class Mover:
         for s in spills:
             ok = False
             try:
-                self.tensor(s.dst).copy_(self.tensor(s.src))
+                self.copy_block(self.tensor(s.dst), self.tensor(s.src))
                 ok = True
             except Exception as e:
                 self.recorder.error(s.src[0], "spill")
@@ -231,13 +268,20 @@ class Mover:
             by_layer = plan.cache["scratch"][0].permute(1, 2, 0, 3, 4, 5) if medium == "scratch" \
                 else self.slabs[medium]._by_layer
             src = by_layer if layer is None else by_layer[layer]
+            if pinned.crosses(src.device, out6.device):
+                if src.device.type == "cpu":  # pinned staging, async on the current stream
+                    pinned.host_to_device(self.pool, src, dim, idx, out6, None if whole else pos)
+                else:
+                    pinned.device_to_host(self.pool, torch.index_select(src, dim, idx.to(src.device)), dim, out6,
+                                          None if whole else pos)
+                continue
             picked = torch.index_select(src, dim, idx.to(src.device))
             if whole:
                 out6.copy_(picked, non_blocking=True)
             else:
                 out6.index_copy_(dim, pos.to(out6.device), picked.to(out6.device, non_blocking=True))
         for i, t in loose:
-            out6.select(dim, i).copy_(t if layer is None else t[layer])
+            self.copy_block(out6.select(dim, i), t if layer is None else t[layer])
 
     def _groups(self, plan: LoadPlan, n: int, targets: dict) -> tuple[dict, list]:
         """Blocks 0..n-1 grouped by the medium they are read from (memoised per plan: a layer-wise load

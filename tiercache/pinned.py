@@ -10,6 +10,12 @@ Lifetime rule: pinned memory is read by the GPU asynchronously. Whoever enqueues
 into a buffer keeps the buffer (and its tensor) alive until that copy has finished: close a
 `HostBuffer` only after the jobs using it are done, and give a staging buffer back with the job
 that uses it (`StagingPool.release(buf, job)`), never before.
+
+`host_to_device` and `device_to_host` are the copies every device<->host move goes through: rows
+gathered into (or copied out of) pooled pinned buffers chunk by chunk, so the DMA is asynchronous
+and the next chunk is prepared while the previous one is in flight. An H2D buffer goes back to the
+pool with an event recorded after its copy (`CopyDone`); a D2H buffer once its bytes have been read
+on the host. Between two CPU tensors (`crosses` false, the CPU path) they are plain copies.
 """
 
 from __future__ import annotations
@@ -23,6 +29,29 @@ import torch
 
 def _cuda_pinning_available() -> bool:
     return torch.cuda.is_available()
+
+
+def crosses(a: torch.device, b: torch.device) -> bool:
+    """Whether a copy between tensors on `a` and `b` is a device<->host transfer (staged through pinned memory)."""
+    return (a.type == "cpu") != (b.type == "cpu")
+
+
+class CopyDone:
+    """`done()`/`wait()` of everything enqueued so far on a CUDA stream (an event recorded on it), the
+    handle `StagingPool.release` takes. Off CUDA the copy already happened: done at once."""
+
+    def __init__(self, device: torch.device | None = None, stream: torch.cuda.Stream | None = None) -> None:
+        self._event = None
+        if device is not None and device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record(stream or torch.cuda.current_stream(device))
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
 
 
 class HostBuffer:
@@ -86,12 +115,20 @@ class StagingPool:
         self._by_ptr = {b._ptr: i for i, b in enumerate(self._buffers)}
         self._lock = threading.Condition()
         self._closed = False
+        self.acquired = 0  # buffers handed out so far (what tests and stats can check)
 
     @property
     def pinned(self) -> bool:
         return all(b.pinned for b in self._buffers)
 
-    def acquire(self, nbytes: int) -> torch.Tensor:
+    def free(self) -> int:
+        """Buffers free right now (copies seen done included)."""
+        with self._lock:
+            self._reap()
+            return len(self._free)
+
+    def acquire(self, nbytes: int, block: bool = True) -> torch.Tensor | None:
+        """A free buffer's first `nbytes`; with `block=False`, None instead of waiting for one."""
         if nbytes > self.buffer_bytes or nbytes < 0:
             raise ValueError(f"nbytes must be in [0, {self.buffer_bytes}] (the pool's buffer size), got {nbytes}; "
                              "split the copy")
@@ -101,7 +138,10 @@ class StagingPool:
                     raise RuntimeError("the staging pool is closed")
                 self._reap()
                 if self._free:
+                    self.acquired += 1
                     return self._buffers[self._free.popleft()].tensor[:nbytes]
+                if not block:
+                    return None
                 if self._busy:
                     job = self._busy[0][1]
                     self._lock.release()  # wait for the oldest copy without holding the lock
@@ -150,3 +190,110 @@ class StagingPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- the staged copies ---------------------------------------------------------------------------------
+def _rows_per_chunk(pool: StagingPool, src: torch.Tensor, dim: int) -> tuple[list[int], int]:
+    shape = list(src.shape)
+    row = src.element_size() * (src.numel() // max(1, shape[dim])) if shape[dim] else 0
+    if row > pool.buffer_bytes:
+        raise ValueError(f"one row of {row} bytes does not fit the staging pool's {pool.buffer_bytes}-byte buffers")
+    return shape, max(1, pool.buffer_bytes // max(1, row))
+
+
+def _stage(raw: torch.Tensor, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    return raw.view(dtype).view(shape)
+
+
+def host_to_device(pool: StagingPool, src: torch.Tensor, dim: int, idx: torch.Tensor | None, out: torch.Tensor,
+                   pos: torch.Tensor | None = None) -> None:
+    """`out <- src.index_select(dim, idx)` (or `out.index_copy_(dim, pos, ...)`), src in host memory.
+
+    Rows are gathered on the host into pinned staging buffers, a chunk at a time, and each chunk is
+    copied asynchronously on the current stream; a buffer goes back to the pool with an event after
+    its copy. `idx=None` takes src's rows in order. The caller's stream sees `out` filled."""
+    n = src.shape[dim] if idx is None else idx.numel()
+    if not n:
+        return
+    shape, per = _rows_per_chunk(pool, src if idx is None else src.narrow(dim, 0, 1), dim)
+    if idx is not None:
+        idx = idx.to(device=src.device, dtype=torch.long)
+    if pos is not None:
+        pos = pos.to(device=out.device, dtype=torch.long)
+    for k0 in range(0, n, per):
+        k = min(per, n - k0)
+        shape[dim] = k
+        raw = pool.acquire(src.element_size() * _numel(shape))
+        try:
+            stage = _stage(raw, src.dtype, shape)
+            if idx is None:
+                stage.copy_(src.narrow(dim, k0, k))
+            else:
+                torch.index_select(src, dim, idx[k0:k0 + k], out=stage)
+            if pos is None:
+                out.narrow(dim, k0, k).copy_(stage, non_blocking=True)
+            else:
+                out.index_copy_(dim, pos[k0:k0 + k], stage.to(out.device, non_blocking=True))
+        except BaseException:
+            pool.release(raw, CopyDone(out.device))  # whatever was enqueued from it runs first
+            raise
+        pool.release(raw, CopyDone(out.device))
+
+
+def device_to_host(pool: StagingPool, src: torch.Tensor, dim: int, out: torch.Tensor,
+                   pos: torch.Tensor | None = None) -> None:
+    """`out.narrow(dim, 0, n) <- src` (or `out.index_copy_(dim, pos, src)`), src on the device, out on the host.
+
+    Each chunk is copied asynchronously into a pinned staging buffer; the next one is enqueued while
+    the host waits for the previous one and writes it into `out`. Returns once `out` holds the bytes.
+    A buffer is never held while blocking on the pool (no deadlock between threads sharing it)."""
+    n = src.shape[dim]
+    if not n:
+        return
+    shape, per = _rows_per_chunk(pool, src, dim)
+    if pos is not None:
+        pos = pos.to(device=out.device, dtype=torch.long)
+    pending: deque = deque()
+
+    def finish_one() -> None:
+        raw, stage, done, k0, k = pending.popleft()
+        try:
+            done.wait()
+            if pos is None:
+                out.narrow(dim, k0, k).copy_(stage)
+            else:
+                out.index_copy_(dim, pos[k0:k0 + k], stage)
+        finally:
+            pool.release(raw)
+
+    try:
+        for k0 in range(0, n, per):
+            k = min(per, n - k0)
+            shape[dim] = k
+            nbytes = src.element_size() * _numel(shape)
+            raw = pool.acquire(nbytes, block=False)
+            while raw is None:
+                if pending:
+                    finish_one()
+                    raw = pool.acquire(nbytes, block=False)
+                else:
+                    raw = pool.acquire(nbytes)
+            stage = _stage(raw, src.dtype, shape)
+            try:
+                stage.copy_(src.narrow(dim, k0, k), non_blocking=True)
+            except BaseException:
+                pool.release(raw, CopyDone(src.device))
+                raise
+            pending.append((raw, stage, CopyDone(src.device), k0, k))
+        while pending:
+            finish_one()
+    finally:
+        for raw, _, done, _, _ in pending:  # an error part-way: the copies in flight still own their buffers
+            pool.release(raw, done)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -3,14 +3,20 @@
 A slab is one tensor [num_slots, L, planes, block_size, H, D]; slot s is one
 contiguous canonical block. The decision layer hands out slot ids; this module
 moves bytes for a whole plan at once: one index_select / index_copy_ per
-medium and plan, never one copy per block.
+medium and plan, never one copy per block. A copy between the host and a CUDA
+device goes through pinned staging buffers (`tiercache.pinned.host_to_device` /
+`device_to_host`): an async copy from pageable memory is silently synchronous,
+and one into a fresh pinned tensor is read by the host before it has landed.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import pinned
 from ..config import KVLayout
+
+STAGING_BYTES = 16 << 20  # a staging buffer (at least one block): big enough for full-speed DMA
 
 
 def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, object]:
@@ -27,9 +33,20 @@ def _host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple
     return t, None
 
 
+def staging_pool(layout: KVLayout, count: int = 4, pin: bool = True) -> pinned.StagingPool:
+    """The pool of pinned buffers device<->host copies go through (pinned only when CUDA is there)."""
+    return pinned.StagingPool(max(STAGING_BYTES, layout.block_bytes), count=count, pin=pin)
+
+
 class MemorySlab:
-    def __init__(self, name: str, layout: KVLayout, num_slots: int, device: torch.device, pin: bool = False) -> None:
+    """`staging`: the pinned pool its host<->device copies go through (shared with the other movers of
+    the cache); without one, a pool of its own is made on the first such copy and closed with the slab."""
+
+    def __init__(self, name: str, layout: KVLayout, num_slots: int, device: torch.device, pin: bool = False,
+                 staging: pinned.StagingPool | None = None) -> None:
         self.name = name
+        self._staging = staging
+        self._own_staging: pinned.StagingPool | None = None
         self.layout = layout
         self.num_slots = num_slots
         self.device = device
@@ -45,6 +62,12 @@ class MemorySlab:
     def pinned(self) -> bool:
         return self.device.type == "cpu" and self.tensor.is_pinned()
 
+    @property
+    def staging(self) -> pinned.StagingPool:
+        if self._staging is None:
+            self._own_staging = self._staging = staging_pool(self.layout)
+        return self._staging
+
     def view(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
 
@@ -56,20 +79,34 @@ class MemorySlab:
         src = self._by_layer if layer is None else self._by_layer[layer]
         dim = 2 if layer is None else 1
         idx = slots if isinstance(slots, torch.Tensor) else self.index(slots)
-        if out6.device == self.device and out6.is_contiguous():
+        if pinned.crosses(self.device, out6.device):
+            if self.device.type == "cpu":  # host slab -> device: staged, async on the current stream
+                pinned.host_to_device(self.staging, src, dim, idx, out6)
+            else:  # device slab -> host: gathered on the device, then staged down
+                pinned.device_to_host(self.staging, torch.index_select(src, dim, idx.to(self.device)), dim, out6)
+        elif out6.device == self.device and out6.is_contiguous():
             torch.index_select(src, dim, idx, out=out6)
         else:
-            out6.copy_(torch.index_select(src, dim, idx), non_blocking=True)
+            out6.copy_(torch.index_select(src, dim, idx.to(self.device)), non_blocking=True)
 
     def scatter(self, slots: list[int], blocks6: torch.Tensor) -> None:
         """block slots[j] = blocks6[:, :, j]; blocks6 is [L, planes, n, B, H, D]."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if pinned.crosses(blocks6.device, self.device):
+            if self.device.type == "cpu":  # returns once the bytes are in the slot (the host reads them next)
+                pinned.device_to_host(self.staging, blocks6, 2, self._by_layer, pos=idx)
+            else:
+                pinned.host_to_device(self.staging, blocks6, 2, None, self._by_layer, pos=idx)
+            return
         if blocks6.device != self.device:
             blocks6 = blocks6.to(self.device, non_blocking=True)
         self._by_layer.index_copy_(2, idx, blocks6)
 
     def close(self) -> None:
         owner, self._owner = self._owner, None
+        pool, self._own_staging = self._own_staging, None
+        if pool is not None:
+            pool.close()
         if owner is not None:
             owner.close()
 
