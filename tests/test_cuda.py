@@ -273,3 +273,42 @@ def test_store_into_the_host_tier_has_the_bytes_before_the_host_reads_them(gpu_l
             c.store(toks, kv)
             out = torch.empty(gpu_layout.kv_shape(256), dtype=gpu_layout.dtype)  # host memory: no device copy
             assert same_bytes(c.load(toks, out=out), kv.cpu())
+
+
+def test_layer_stall_is_measured_on_the_device_not_the_host(gpu_layout):
+    cfg = CacheConfig(layout=gpu_layout, device="cuda", device_bytes=0, host_bytes=64 * gpu_layout.block_bytes)
+    with TierCache(cfg) as c:
+        kv = kv_on_gpu(gpu_layout, 256)
+        c.store(list(range(256)), kv)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(c.engine.stream("h2d", priority=True)):
+            torch.cuda._sleep(SLOW)                  # the layer copies queue behind ~0.1 s on their stream
+        ll = c.load_layers(list(range(256)))
+        seen = [ll.wait_layer(i).clone() for i in range(gpu_layout.num_layers)]
+        stall = ll.stall_seconds                     # waits for the device to pass the waits
+        assert stall > 0.03
+        assert c.stats()["prefetch_wait_seconds"] == pytest.approx(stall)
+        assert all(same_bytes(seen[i], kv[i]) for i in range(gpu_layout.num_layers))
+
+
+def test_load_seconds_are_reported_once_the_copy_has_run(gpu_layout):
+    cfg = CacheConfig(layout=gpu_layout, device="cuda", device_bytes=0, host_bytes=64 * gpu_layout.block_bytes)
+    with TierCache(cfg) as c:
+        kv = kv_on_gpu(gpu_layout, 256)
+        c.store(list(range(256)), kv)
+        assert same_bytes(c.load(list(range(256))), kv)
+        c.reads.settle(block=True)
+        host = c.stats()["tiers"]["host"]
+        assert host["loaded_bytes"] == 256 // gpu_layout.block_size * gpu_layout.block_bytes
+        assert host["load_seconds"] > 0
+
+
+def test_hf_layer_from_host_memory_goes_up_through_pinned_memory():
+    pytest.importorskip("transformers")
+    from tiercache.integrations.hf_layerwise import _to_device
+
+    kv = torch.randn(2, 64, 2, 64)
+    assert not kv.is_pinned()
+    up = _to_device(kv, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert up.is_cuda and torch.equal(up.cpu(), kv)

@@ -494,3 +494,100 @@ def test_staged_paths_of_a_whole_cache_are_bit_exact(make_cache, layout, monkeyp
     assert pool.buffer_bytes == layout.block_bytes and pool.acquired > 10
     assert pool.free() == 4
     assert all(v == {"pinned": 0, "reserved": 0} for v in cache.stats()["in_flight"].values())
+
+
+def test_device_times_report_each_entry_once_when_the_device_has_passed_it():
+    from tiercache.transfer import DeviceTimes
+
+    class Ev:
+        def __init__(self, t, done=True):
+            self.t, self.is_done, self.synced = t, done, False
+
+        def query(self):
+            return self.is_done
+
+        def synchronize(self):
+            self.synced = self.is_done = True
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    got = []
+    times = DeviceTimes()
+    late = Ev(5.0, done=False)
+    times.add(lambda s: got.append(("a", s)), Ev(1.0), Ev(1.5), host_seconds=0.25)
+    times.add(lambda s: got.append(("b", s)), Ev(2.0), late)
+    times.add(lambda s: got.append(("c", s)), Ev(3.0), Ev(3.5))
+    assert times.settle() == 1 and got == [("a", 0.75)]   # "b" still running: never a host sync, order kept
+    assert times.settle() == 0 and len(times) == 2
+    assert times.settle(block=True) == 2 and late.synced
+    assert got == [("a", 0.75), ("b", 3.0), ("c", 0.5)] and times.settle(block=True) == 0
+
+
+def test_layer_stalls_come_from_events_on_the_callers_stream(fake_cuda):
+    """With CUDA events, wait_layer does not time the host: it records an event before and after the
+    stream's wait on the layer's copy, and the stall (their elapsed time) is reported when settled."""
+    from tiercache.layerwise import LayerLoad
+    from tiercache.stats import Recorder
+
+    fake, _ = fake_cuda
+    rec = Recorder(("host",))
+    ll = LayerLoad(torch.zeros(2, 2, 4, 2, 8), 4, rec, cuda_events=True)
+    copied = [fake.Event(), fake.Event()]
+    for i, ev in enumerate(copied):
+        ll.layer_ready(i, ev)
+    ll.wait_layer(0)
+    ll.wait_layer(1)
+    waits = [e for e in fake.log if e[0] == "wait"]
+    assert [w[2] for w in waits] == copied and all(w[1] is fake.default for w in waits)
+    assert ll.stall_seconds == pytest.approx(2 * 1.5e-3)  # FakeCuda: 1.5 ms between any two events
+    assert ll.stalls() == pytest.approx({0: 1.5e-3, 1: 1.5e-3})
+    assert rec.snapshot()["prefetch_wait_seconds"] == pytest.approx(3e-3)
+
+
+def test_hf_layer_waits_believe_the_loads_own_stall_figures():
+    pytest.importorskip("transformers")  # the GPU session's image has none
+    from tiercache.integrations.hf_layerwise import LayerWaits, _to_device
+
+    class Load:
+        num_tokens = 4
+
+        def wait_layer(self, i):
+            return torch.full((2, 4, 1, 2), float(i))
+
+        def stalls(self):
+            return {1: 0.5, 0: 0.25}
+
+    waits = LayerWaits(Load())
+    assert torch.equal(waits.wait(1), torch.full((2, 4, 1, 2), 1.0))
+    waits.wait(0)
+    waits.wait(1)
+    assert waits.seconds == 0.75 and waits.per_layer == {1: 0.5, 0: 0.25} and waits.order == [1, 0]
+    kv = torch.randn(2, 3, 1, 2)
+    assert _to_device(kv, torch.device("cpu")) is kv  # CPU to CPU: no copy
+
+
+def test_background_promotions_run_on_the_engines_stream_and_are_waited_for(fake_cuda, layout):
+    """A prefetch's promoted slots become readable to other streams: the copies run on the engine's H2D
+    stream and the host waits for their end event before the plan completes. A load on the caller's
+    thread promotes on the caller's own stream instead (what it reads next is ordered after them)."""
+    from tiercache.reads import ReadPath
+
+    fake, eng = fake_cuda
+    seen = []
+
+    class Mover:
+        def promote(self, plan, good, targets):
+            seen.append(fake.current_stream())
+            return set(good)
+
+    rp = ReadPath(layout=layout, device=torch.device("cuda"), core=None, mover=Mover(), disk=None, gate=None,
+                  engine=eng, recorder=None, queue=None)
+    try:
+        assert rp._promote(None, {0, 2}, {}, background=True) == {0, 2}
+        h2d = eng.stream("h2d")
+        assert seen == [h2d] and ("sync", h2d) in [(e[0], e[1]) for e in fake.log]
+        assert not [e for e in fake.log if e[0] == "wait" and e[1] is h2d]  # reads host bytes only: no fence
+        assert rp._promote(None, {1}, {}, background=False) == {1} and seen[-1] is fake.default
+    finally:
+        rp.close()

@@ -12,6 +12,12 @@ counts the time compute stalled (`tiercache_prefetch_wait_seconds`). If a
 block turns out corrupt or vanished mid-way, `wait_layer` raises
 KVUnavailable: the caller recomputes instead (layers already handed out
 cannot be taken back, so the whole load fails rather than shrinks).
+
+On a GPU, `wait_layer` does not block the host on the copy: the caller's stream waits for
+the layer's event. The stall is then what the stream spent there, measured with CUDA
+events recorded on it (before the wait, after it) and reported to the same metric once the
+device has passed them (see transfer.DeviceTimes): host time would read ~0. On the CPU
+the stall is host time.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from .errors import TierCacheError
 from .stats import Recorder
+from .transfer import DeviceTimes
 
 
 class KVUnavailable(TierCacheError):
@@ -66,7 +73,7 @@ class PrefetchHandle:
 
 class LayerLoad:
     def __init__(self, out: torch.Tensor, num_tokens: int, recorder: Recorder,
-                 cuda_events: bool = False) -> None:
+                 cuda_events: bool = False, times: DeviceTimes | None = None) -> None:
         self.out = out
         self.num_tokens = num_tokens
         self.num_layers = out.shape[0]
@@ -76,7 +83,10 @@ class LayerLoad:
         self._cuda = [None] * self.num_layers if cuda_events else None
         self._error: BaseException | None = None
         self._done = threading.Event()
-        self.stall_seconds = 0.0
+        self._times = (times if times is not None else DeviceTimes()) if cuda_events else None
+        self._stall = 0.0
+        self._stalls: dict[int, float] = {}  # layer -> seconds compute stalled on it, in the order asked
+        self._stall_lock = threading.Lock()
 
     # -- worker side ---------------------------------------------------------------------
     def layer_ready(self, i: int, event: torch.cuda.Event | None = None) -> None:
@@ -100,18 +110,50 @@ class LayerLoad:
         if not 0 <= i < self.num_layers:
             raise IndexError(f"layer: expected 0..{self.num_layers - 1}, got {i}")
         t0 = time.perf_counter()
+        before = None
+        if self._times is not None:
+            self._times.settle()  # earlier stalls the device has passed by now
+            # recorded before the host waits for the worker: if the stream runs dry meanwhile, that counts too
+            before = torch.cuda.Event(enable_timing=True)
+            before.record(torch.cuda.current_stream(self.out.device))
         ev = self._ready[i]
         if not ev.is_set():
             if not ev.wait(timeout):
                 raise TimeoutError(f"layer {i} not loaded within {timeout}s")
         if not self._delivered[i]:
             raise KVUnavailable(f"layer {i} could not be loaded: {self._error}") from self._error
-        if self._cuda is not None and self._cuda[i] is not None:
-            torch.cuda.current_stream().wait_event(self._cuda[i])  # the device waits, not the host
-        stalled = time.perf_counter() - t0
-        self.stall_seconds += stalled
-        self._recorder.prefetch_wait(stalled)
+        if before is not None:
+            stream = torch.cuda.current_stream(self.out.device)
+            if self._cuda[i] is not None:
+                stream.wait_event(self._cuda[i])  # the device waits, not the host
+            after = torch.cuda.Event(enable_timing=True)
+            after.record(stream)
+            self._times.add(lambda s, i=i: self._stalled(i, s), before, after)
+        else:
+            self._stalled(i, time.perf_counter() - t0)
         return self.out[i]
+
+    def _stalled(self, i: int, seconds: float) -> None:
+        with self._stall_lock:
+            self._stall += seconds
+            self._stalls[i] = self._stalls.get(i, 0.0) + seconds
+        self._recorder.prefetch_wait(seconds)
+
+    def stalls(self) -> dict[int, float]:
+        """Seconds compute stalled per layer waited for so far (on a GPU this waits for the device to get
+        past those waits)."""
+        if self._times is not None:
+            self._times.settle(block=True)
+        with self._stall_lock:
+            return dict(self._stalls)
+
+    @property
+    def stall_seconds(self) -> float:
+        """Seconds compute stalled on this load so far (see `stalls`)."""
+        if self._times is not None:
+            self._times.settle(block=True)
+        with self._stall_lock:
+            return self._stall
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """Every layer; the whole [L, planes, n, H, D] prefix."""

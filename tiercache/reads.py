@@ -8,6 +8,12 @@
 A layer-wise load hands layer i to the caller as soon as it is in place. Its
 length is fixed when it starts; if a block cannot be read after all, the load
 fails closed (KVUnavailable) and the caller recomputes — never wrong KV.
+
+On a GPU the copies are asynchronous, so host clocks miss them: a load's seconds are its host
+work (plan, reads, decode, staging) plus the device time of its copies between CUDA events,
+reported to the same metrics once the device has passed them (transfer.DeviceTimes). A background
+read (prefetch, layer-wise) promotes on the engine's H2D stream and waits for those copies before
+the plan completes: its slots become readable, to any stream, only once their bytes are there.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from .config import KVLayout
 from .core import WriteJob
 from .layerwise import KVUnavailable, LayerLoad, PrefetchHandle
+from .transfer import DeviceTimes
 
 _MAX_QUEUED_PREFETCHES = 64
 
@@ -39,11 +46,30 @@ class ReadPath:
         self._prefetch_queued = 0
         self._prefetch_lock = threading.Lock()
         self._closed = False
+        self.times = DeviceTimes()  # CUDA: timings still on the device (loads, layer stalls)
 
     def close(self) -> None:
         self._closed = True
         self._prefetcher.shutdown(wait=True)
         self._layer_worker.shutdown(wait=True)
+        self.settle(block=True)
+
+    def settle(self, block: bool = False) -> None:
+        """Report the timings the device has finished (all of them with `block=True`)."""
+        self.times.settle(block)
+
+    def _promote(self, plan: Any, good: set[int], targets: dict, background: bool) -> set[int]:
+        """Copy blocks into their promotion slots. On the caller's thread the copies run on its stream
+        (what it reads next is ordered after them); a background read (prefetch, layer worker) runs them
+        on the engine's H2D stream and waits for them before complete_load makes the slots readable,
+        since its reader is on another stream."""
+        if self.engine is None or not background:
+            return self.mover.promote(plan, good, targets)
+        got: list[set[int]] = []
+        job = self.engine.submit(lambda: got.append(self.mover.promote(plan, good, targets)), "h2d", after=[],
+                                 track=False)
+        job.wait()
+        return got[0]
 
     # -- plan and move -------------------------------------------------------------------
     def _plan(self, keys: list) -> tuple[Any, Any, Any]:
@@ -62,8 +88,11 @@ class ReadPath:
                 self.core.complete_load(plan, [False] * len(plan))
                 raise
 
-    def _run(self, keys: list, out: torch.Tensor | None, want_out: bool) -> tuple[Any, list[bool], Any]:
-        """One whole-prefix read: (plan, ok per block, the filled `out` or None)."""
+    def _run(self, keys: list, out: torch.Tensor | None, want_out: bool,
+             copy_events: list | None = None) -> tuple[Any, list[bool], Any]:
+        """One whole-prefix read: (plan, ok per block, the filled `out` or None). On CUDA, `copy_events`
+        receives (host seconds before the copy, start and end events around it on the current stream)."""
+        t0 = time.perf_counter()
         plan, reader, get = self._plan(keys)
         ok = [False] * len(plan)
         jobs: list[WriteJob] = []
@@ -76,8 +105,17 @@ class ReadPath:
                 if out is None:
                     out = torch.empty(self.layout.kv_shape(n * self._B), dtype=self.layout.dtype, device=self.device)
                 if n:
+                    timed = copy_events is not None and out.is_cuda
+                    if timed:
+                        start = torch.cuda.Event(enable_timing=True)
+                        start.record(torch.cuda.current_stream(out.device))
+                        host = time.perf_counter() - t0
                     self.mover.gather(plan, n, out[:, :, :n * self._B].unflatten(2, (n, self._B)), targets)
-            promoted = self.mover.promote(plan, good, targets)
+                    if timed:
+                        end = torch.cuda.Event(enable_timing=True)
+                        end.record(torch.cuda.current_stream(out.device))
+                        copy_events.append((host, start, end))
+            promoted = self._promote(plan, good, targets, background=not want_out)
             ok = [i in good and (i not in plan.promote or i in promoted) for i in range(len(plan))]
         finally:
             if reader is not None:
@@ -92,10 +130,16 @@ class ReadPath:
 
     # -- the three reads ------------------------------------------------------------------
     def load(self, keys: list, out: torch.Tensor | None) -> torch.Tensor:
+        self.settle()
         t0 = time.perf_counter()
-        plan, ok, out = self._run(keys, out, want_out=True)
+        copy_events: list = []
+        plan, ok, out = self._run(keys, out, want_out=True, copy_events=copy_events)
         n = next((i for i, g in enumerate(ok) if not g), len(ok))
-        self._account(plan.serving[:n], time.perf_counter() - t0)
+        if copy_events:  # CUDA: host work, then the copy's device time (the host did not wait for it)
+            host, start, end = copy_events[0]
+            self.times.add(lambda s, served=plan.serving[:n]: self._account(served, s), start, end, host)
+        else:
+            self._account(plan.serving[:n], time.perf_counter() - t0)
         return out[:, :, : n * self._B]
 
     def prefetch(self, keys: list) -> PrefetchHandle:
@@ -119,11 +163,12 @@ class ReadPath:
         return n * self._B
 
     def load_layers(self, keys: list) -> LayerLoad:
+        self.settle()
         plan = self.core.prepare_load(keys)
         try:
             n = len(plan) * self._B
             out = torch.empty(self.layout.kv_shape(n), dtype=self.layout.dtype, device=self.device)
-            ll = LayerLoad(out, n, self.recorder, cuda_events=self.engine is not None)
+            ll = LayerLoad(out, n, self.recorder, cuda_events=self.engine is not None, times=self.times)
             # what the caller's stream has enqueued so far (out's allocation included) comes first
             fence = self.engine.fence() if self.engine is not None else None
             self._layer_worker.submit(self._layer_job, plan, ll, fence)
@@ -136,7 +181,8 @@ class ReadPath:
         t0 = time.perf_counter()
         ok = [False] * len(plan)
         jobs: list[WriteJob] = []
-        last = None  # the last layer's copy job (CUDA): sources stay pinned until it has run
+        first = last = None  # the first and last layers' copy jobs (CUDA): sources stay pinned until it has run
+        host = 0.0
         # The snapshot is opened here, on the thread that uses it (LMDB read transactions and the
         # disk tier's resize lock belong to a thread). A frame evicted since the plan fails the load.
         reader = get = None
@@ -166,14 +212,17 @@ class ReadPath:
                 if n and self.engine is not None:
                     # a worker thread's own stream is not the caller's: order after the caller's fence,
                     # and hand the consumer an event to wait on (on the device, not the host)
+                    if first is None:
+                        host = time.perf_counter() - t0
                     last = self.engine.submit(lambda i=i: self.mover.gather(plan, n, out6[i], targets, layer=i),
                                               "h2d", priority=True, after=fence, tensors=[ll.out], track=False)
+                    first = first or last
                     ll.layer_ready(i, last._event)
                     continue
                 if n:
                     self.mover.gather(plan, n, out6[i], targets, layer=i)
                 ll.layer_ready(i)
-            promoted = self.mover.promote(plan, set(range(n)), targets)
+            promoted = self._promote(plan, set(range(n)), targets, background=True)
             ok = [i not in plan.promote or i in promoted for i in range(n)]
         except BaseException as e:  # a failed layer-wise load is a miss for the caller, never wrong KV
             ll.fail(e)
@@ -189,5 +238,9 @@ class ReadPath:
             jobs += self.core.complete_load(plan, ok)
             self._queue(jobs)
         if all(ok):
-            self._account(plan.serving, time.perf_counter() - t0)
+            if first is not None and first._start is not None:
+                # host work up to the first copy, then the copies' span on the device (first start -> last end)
+                self.times.add(lambda s: self._account(plan.serving, s), first._start, last._event, host)
+            else:
+                self._account(plan.serving, time.perf_counter() - t0)
             ll.finish()

@@ -161,6 +161,44 @@ class Stall:
         return self._before.elapsed_time(self._after) / 1e3
 
 
+class DeviceTimes:
+    """Timings whose device part is still running, reported once the device has passed them.
+
+    `add(report, start, end, host_seconds)`: `report(host_seconds + elapsed(start, end))` is called
+    once `end` has completed — from the next `settle()` that finds it done (`block=False`, what the
+    hot paths call: never a host sync), or from `settle(block=True)` (close, stats). Each entry is
+    reported exactly once, in the order added. On the CPU path there is nothing to wait for: callers
+    report host time directly and never use this.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Callable[[float], None], object, object, float]] = []
+        self._lock = threading.Lock()
+
+    def add(self, report: Callable[[float], None], start, end, host_seconds: float = 0.0) -> None:
+        with self._lock:
+            self._pending.append((report, start, end, host_seconds))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def settle(self, block: bool = False) -> int:
+        """Report every entry whose end has passed (all of them with `block=True`); how many were reported."""
+        with self._lock:
+            ready = []
+            while self._pending:
+                report, start, end, host = self._pending[0]
+                if not block and not end.query():
+                    break
+                self._pending.pop(0)
+                ready.append((report, start, end, host))
+        for report, start, end, host in ready:
+            if block:
+                end.synchronize()
+            report(host + start.elapsed_time(end) / 1e3)
+        return len(ready)
+
+
 class _Workers:
     """Threads taking jobs from a priority heap (priority jobs first, then in submission order)."""
 

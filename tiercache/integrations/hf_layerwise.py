@@ -9,7 +9,12 @@ call waits (`LayerLoad.wait_layer(i)`) while the worker keeps loading layers
 i+1... Compute on layer i overlaps the load of the layers after it.
 
 Time spent blocked in `wait_layer` is compute stalled on KV: `LayerLoad` reports
-it to `tiercache_prefetch_wait_seconds`; this module also sums it per request.
+it to `tiercache_prefetch_wait_seconds`; this module also sums it per request (from the
+load's own figures when it has them: CUDA events on a GPU, where host time reads ~0).
+
+A layer held in host memory for a model on a GPU (a TierCache on the CPU) goes up in one
+asynchronous copy from pinned memory (both planes at once), never a synchronous copy from
+pageable memory per plane.
 """
 
 from __future__ import annotations
@@ -30,24 +35,46 @@ class LayerSource(Protocol):
 
 
 class LayerWaits:
-    """Times each `wait_layer` call: the stall a request saw, per layer, in the order the model asked."""
+    """Times each `wait_layer` call: the stall a request saw, per layer, in the order the model asked.
+
+    A load that measures its own stalls (`stalls()`, `tiercache.layerwise.LayerLoad`: CUDA events on a
+    GPU) is believed over host time, which misses a wait the device does."""
 
     def __init__(self, load: LayerSource) -> None:
         self.load = load
-        self.seconds = 0.0
-        self.per_layer: dict[int, float] = {}
+        self._host: dict[int, float] = {}
+        self._order: list[int] = []
 
     def wait(self, layer: int) -> torch.Tensor:
         t0 = time.perf_counter()
         kv = self.load.wait_layer(layer)
-        dt = time.perf_counter() - t0
-        self.seconds += dt
-        self.per_layer[layer] = dt
+        self._host[layer] = self._host.get(layer, 0.0) + time.perf_counter() - t0
+        self._order.append(layer)
         return kv
 
     @property
+    def per_layer(self) -> dict[int, float]:
+        own = getattr(self.load, "stalls", None)
+        return own() if callable(own) else dict(self._host)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.per_layer.values())
+
+    @property
     def order(self) -> list[int]:
-        return list(self.per_layer)
+        return list(dict.fromkeys(self._order))
+
+
+def _to_device(kv: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One layer's [planes, n, H, D] on `device`. Host -> GPU: through pinned memory, one async copy on the
+    current stream (the pinned copy comes from the caching host allocator, which keeps it from reuse
+    until the copy has run)."""
+    if kv.device == device or not (kv.device.type == "cpu" and device.type == "cuda"):
+        return kv.to(device)
+    if not kv.is_pinned():
+        kv = kv.pin_memory()
+    return kv.to(device, non_blocking=True)
 
 
 class PrefixLayer(DynamicLayer):
@@ -70,10 +97,10 @@ class PrefixLayer(DynamicLayer):
         if not self._pending:
             return
         n, self._pending = self._pending, 0
-        kv = self._waits.wait(self._layer_idx)
+        kv = _to_device(self._waits.wait(self._layer_idx)[:, :n], self._device)
         # block layout [planes, tokens, H, D] -> HF layout [batch, H, tokens, D]
-        k = kv[0, :n].to(self._device, non_blocking=True).permute(1, 0, 2).unsqueeze(0)
-        v = kv[1, :n].to(self._device, non_blocking=True).permute(1, 0, 2).unsqueeze(0)
+        k = kv[0].permute(1, 0, 2).unsqueeze(0)
+        v = kv[1].permute(1, 0, 2).unsqueeze(0)
         if self._batch > 1:
             k, v = k.expand(self._batch, -1, -1, -1), v.expand(self._batch, -1, -1, -1)
         super().update(k, v)  # copies into the layer's own storage; the block buffer can be reused
