@@ -11,6 +11,8 @@ Rows (issue 10's goals):
    pages (no layout change) is listed as the bound.
 3. A layer-wise load (one high-priority H2D job per layer, compute waiting per layer on the device)
    overlapped with compute, against the same compute alone (goal <= 1.1x).
+4. The cache's own host<->device path (scattered slots gathered through the pinned staging pool,
+   `tiercache.pinned.host_to_device` / `device_to_host`) next to the bare pinned `copy_` of row 1.
 Every transfer is checked bit-exact after timing; the exit status is 1 if one was not.
 """
 
@@ -28,7 +30,7 @@ import time
 import tiercache_kernels as tk
 import torch
 
-from tiercache.pinned import HostBuffer
+from tiercache.pinned import HostBuffer, StagingPool, device_to_host, host_to_device
 from tiercache.transfer import TransferEngine
 
 
@@ -65,9 +67,9 @@ class Clock:
 def sizes(cpu: bool) -> dict:
     if cpu:
         return dict(copy_bytes=8 << 20, layers=2, blocks=64, pick=24, bs=16, heads=2, dim=64,
-                    lw_layers=4, lw_layer_bytes=1 << 20, matmul=128, reps=3)
+                    lw_layers=4, lw_layer_bytes=1 << 20, matmul=128, reps=3, staged_row_bytes=64 << 10)
     return dict(copy_bytes=1 << 30, layers=32, blocks=4096, pick=1024, bs=16, heads=8, dim=128,
-                lw_layers=8, lw_layer_bytes=64 << 20, matmul=4096, reps=10)
+                lw_layers=8, lw_layer_bytes=64 << 20, matmul=4096, reps=10, staged_row_bytes=2 << 20)
 
 
 def bench_copies(dev, eng, clock, s, rows, ok) -> None:
@@ -87,6 +89,30 @@ def bench_copies(dev, eng, clock, s, rows, ok) -> None:
             rows.append((f"{name} engine, 256 block pairs", n, blocks, bare / blocks, ">= 0.9x"))
         ok.append(torch.equal(back.tensor, host.tensor))
         back.close()
+
+
+def bench_staged(dev, clock, s, rows, ok) -> None:
+    """What load/store do between a host slab and the device: slots picked in random order, staged through
+    pooled pinned buffers (16 MiB, 4 of them), copied asynchronously chunk by chunk."""
+    n, row = s["copy_bytes"], s["staged_row_bytes"]
+    slots = n // row
+    with HostBuffer(((slots, row), torch.uint8), pin=True) as slab, StagingPool(16 << 20, count=4) as pool:
+        slab.tensor.copy_(torch.randint(0, 256, (slots, row), dtype=torch.uint8))
+        ids = torch.randperm(slots, generator=torch.Generator().manual_seed(1))
+        dst = torch.empty((slots, row), dtype=torch.uint8, device=dev)
+        bare = clock(lambda: dst.copy_(slab.tensor, non_blocking=True))
+        up = clock(lambda: host_to_device(pool, slab.tensor, 0, ids, dst))
+        clock.sync()
+        ok.append(torch.equal(dst.cpu(), slab.tensor.index_select(0, ids)))
+        back = torch.empty((slots, row), dtype=torch.uint8)
+        with HostBuffer(((slots, row), torch.uint8), pin=True) as pinned_back:
+            bare_down = clock(lambda: pinned_back.tensor.copy_(dst, non_blocking=True))
+        down = clock(lambda: device_to_host(pool, dst, 0, back, pos=ids))
+        ok.append(torch.equal(back, slab.tensor))
+        rows.append((f"H2D staged gather of {slots} random slots (the cache's load path)", n, up, bare / up,
+                     ">= 0.9x vs bare pinned copy_"))
+        rows.append((f"D2H staged scatter into {slots} random slots (the cache's store path)", n, down,
+                     bare_down / down, ">= 0.9x vs bare pinned D2H copy_"))
 
 
 def paged_layers(dev, s, dtype=torch.bfloat16):
@@ -199,6 +225,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         bench_copies(dev, eng, clock, s, rows, ok)
+        bench_staged(dev, clock, s, rows, ok)
         bench_kernels(dev, clock, s, rows, ok, triton_ok)
         bench_layerwise(dev, eng, clock, s, rows, ok)
         print(f"measured in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
