@@ -369,8 +369,10 @@ class TierCache:
             self.recorder.usage("disk", used, self.disk.capacity_bytes, blocks)
 
     def stats(self) -> dict:
-        """Counters and gauges as a plain dict (see tiercache.stats.CacheStats.as_dict)."""
+        """Counters and gauges as a plain dict (see tiercache.stats.CacheStats.as_dict). On a GPU it first
+        waits for the copies of loads already returned: their bytes and event timings count from then."""
         if not self._closed:
+            self.reads.settle(block=True)
             self._update_usage()
         out = self.recorder.snapshot()
         if self.disk is not None and not out["disk_compressed_bytes"] and out["blocks"].get("disk"):
