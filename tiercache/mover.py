@@ -19,6 +19,7 @@ still write into a slot once the core has released it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -45,6 +46,7 @@ class Mover:
                  on_missing: Callable[[str, list], None] | None = None,
                  pool: pinned.StagingPool | None = None) -> None:
         self._pool = pool
+        self._pool_lock = threading.Lock()
         self._on_missing = on_missing or (lambda tier, keys: None)
         self.layout = layout
         self.slabs = slabs
@@ -59,10 +61,11 @@ class Mover:
     @property
     def pool(self) -> pinned.StagingPool:
         """The pinned staging pool for host<->device copies (the cache's, else the host slab's or its own)."""
-        if self._pool is None:
-            host = next((s for s in self.slabs.values() if s.device.type == "cpu"), None)
-            self._pool = host.staging if host is not None else staging_pool(self.layout)
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None:
+                host = next((s for s in self.slabs.values() if s.device.type == "cpu"), None)
+                self._pool = host.staging if host is not None else staging_pool(self.layout)
+            return self._pool
 
     def copy_block(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst <- src for one block (or one layer of it); through pinned staging across host and device.

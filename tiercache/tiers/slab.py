@@ -11,6 +11,8 @@ and one into a fresh pinned tensor is read by the host before it has landed.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import pinned
@@ -47,6 +49,7 @@ class MemorySlab:
         self.name = name
         self._staging = staging
         self._own_staging: pinned.StagingPool | None = None
+        self._staging_lock = threading.Lock()  # the pool is made once, whichever thread copies first
         self.layout = layout
         self.num_slots = num_slots
         self.device = device
@@ -64,9 +67,10 @@ class MemorySlab:
 
     @property
     def staging(self) -> pinned.StagingPool:
-        if self._staging is None:
-            self._own_staging = self._staging = staging_pool(self.layout)
-        return self._staging
+        with self._staging_lock:
+            if self._staging is None:
+                self._own_staging = self._staging = staging_pool(self.layout)
+            return self._staging
 
     def view(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
