@@ -206,7 +206,12 @@ class WriteBehind:
                     results[id(j)]["remote"] = True
         todo = [j for j in jobs if any(d not in results[id(j)] for d in j.dests)]
         t0 = time.perf_counter()
-        frames = list(self._io.map(self._encode, todo)) if len(todo) > 1 else [self._encode(j) for j in todo]
+        try:
+            frames = list(self._io.map(self._encode, todo)) if len(todo) > 1 else [self._encode(j) for j in todo]
+        except RuntimeError as e:  # the pool refuses work at interpreter exit: encode here, lose nothing
+            if "shutdown" not in str(e):
+                raise
+            frames = [self._encode(j) for j in todo]
         encoded = time.perf_counter() - t0
         by_job = {id(j): f for j, f in zip(todo, frames)}
         disk_jobs = [j for j in todo if "disk" in j.dests]

@@ -174,9 +174,14 @@ class WorkerSide:
                 if good:
                     t0 = time.perf_counter()
                     idx = torch.tensor([job.host_slots[j] for j in good], dtype=torch.long)
-                    blocks = self.host.tensor.index_select(0, idx)           # [m, L, 2, B, H, D]
-                    vllm_pages.scatter(blocks.to(self.layers[0].device), self.layers,
-                                       [job.block_ids[j] for j in good], self.page_layout)
+                    dev = self.layers[0].device
+                    if dev.type == "cpu":
+                        blocks = self.host.tensor.index_select(0, idx)       # [m, L, 2, B, H, D]
+                    else:  # up through pinned staging, asynchronously on the current stream
+                        blocks = torch.empty((len(good), *self.layout.block_shape), dtype=self.layout.dtype,
+                                             device=dev)
+                        self.host.gather(idx, blocks.permute(1, 2, 0, 3, 4, 5))
+                    vllm_pages.scatter(blocks, self.layers, [job.block_ids[j] for j in good], self.page_layout)
                     for j in good:
                         ok[j] = True
                     self.counters["host_loaded_tokens"] += len(good) * B
