@@ -7,8 +7,9 @@
 connector, in layer order); `layout` is one of `LAYOUTS` (see `layouts.py`). All layers, both planes
 and every block move in one launch on the Triton path; the torch path (CPU tensors, and the reference
 in tests) does one `index_select`/`index_copy_` per layer and plane. `impl="auto"` picks Triton for
-CUDA tensors (torch when Triton is not installed) and torch for CPU tensors; `impl="triton"` on CPU
-tensors needs `TRITON_INTERPRET=1`.
+CUDA tensors (torch when Triton is not installed) and, for CPU tensors, `runs` (the torch views
+copied per run of consecutive ids, widened where a plane allows: `runs.py`); `impl="torch"` is the
+reference; `impl="triton"` on CPU tensors needs `TRITON_INTERPRET=1`.
 
 Block ids: a 1-D integer tensor (or a list) of ids into the paged cache. A gather may repeat ids
 and may read block 0 (vLLM's null block); a scatter may do neither (two writes to one block, or a
@@ -29,7 +30,7 @@ from .layouts import LAYOUTS, PLANES, PagedGeometry, describe
 
 __all__ = ["LAYOUTS", "IMPLS", "gather", "scatter", "describe", "block_shape"]
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "runs")
 NULL_BLOCK = 0
 
 
@@ -128,9 +129,12 @@ def _engine(impl: str, like: torch.Tensor):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     if impl == "auto":
-        impl = "triton" if like.is_cuda and _triton_available() else "torch"
+        impl = "triton" if like.is_cuda and _triton_available() else "runs" if not like.is_cuda else "torch"
     if impl == "torch":
         return reference
+    if impl == "runs":
+        from . import runs
+        return runs
     if not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported)")
     from . import triton_impl

@@ -278,3 +278,34 @@ def test_interp_odd_sizes_span_several_chunks():
         layers, truth = filled("flash", torch.float32, num_layers=2, num_blocks=4, heads=heads, bs=bs, d=d)
         ids = [3, 3, 0, 1]
         assert same_bits(tk.gather(layers, ids, "flash", impl="triton"), truth[ids])
+
+
+@pytest.mark.parametrize("layout,dtype", list(layout_dtypes()))
+@pytest.mark.parametrize("ids", [[2, 3, 4, 5], ODD_IDS, [8, 7, 6], [1, 2, 5, 6, 7, 3]])
+def test_runs_engine_is_bit_identical_to_the_reference(layout, dtype, ids):
+    """The CPU engine (`impl="auto"` on CPU): runs of consecutive ids, indexed fallback, widened planes."""
+    layers, truth = filled(layout, dtype)
+    got = tk.gather(layers, ids, layout, impl="runs")
+    assert same_bits(got, truth[ids]) and same_bits(got, tk.gather(layers, ids, layout, impl="torch"))
+    scatter_ids = [i for i in dict.fromkeys(ids) if i != 0]
+    new = random_bits((len(scatter_ids), 3, 2, 32, 2, 32), dtype, 11)
+    a, _ = filled(layout, dtype)
+    b, _ = filled(layout, dtype)
+    tk.scatter(new, a, scatter_ids, layout, impl="runs")
+    tk.scatter(new, b, scatter_ids, layout, impl="torch")
+    assert all(same_bits(x, y) for x, y in zip(a, b))        # the same bytes everywhere, untouched blocks too
+
+
+@pytest.mark.parametrize("physical", ["LBNHC", "LBHNC", "BLNHC", "legacy5d"])
+def test_runs_engine_on_every_flash_physical_order(physical):
+    layers, truth = filled("flash", physical=physical)
+    assert same_bits(tk.gather(layers, [3, 4, 5, 1], "flash", impl="runs"), truth[[3, 4, 5, 1]])
+    new = random_bits((3, 3, 2, 32, 2, 32), torch.bfloat16, 5)
+    tk.scatter(new, layers, [6, 7, 2], "flash", impl="runs")
+    assert same_bits(tk.gather(layers, [6, 7, 2], "flash", impl="torch"), new)
+
+
+def test_runs_splits_consecutive_ids():
+    from tiercache_kernels.runs import runs
+    assert runs([4, 5, 6, 1, 2, 9]) == [(4, 3, 0), (1, 2, 3), (9, 1, 5)]
+    assert runs([]) == [] and runs([3, 3]) == [(3, 1, 0), (3, 1, 1)]
