@@ -382,6 +382,9 @@ def test_keys_level_store_and_load_match_the_token_api(make_cache, layout):
     assert c.store_keys(keys[2:], blocks) == 2                # a request's later blocks, without its prefix
     assert c.lookup(toks(4 * layout.block_size)) == 0          # the prefix is not cached ...
     assert same_bytes(c.load_keys(keys[2:]), kv[:, :, 2 * layout.block_size:])   # ... its later blocks are
+    got = c.load_keys(keys[2:], block_major=True)             # [n, L, planes, B, H, D], ready for pages
+    assert same_bytes(got, blocks.permute(2, 0, 1, 3, 4, 5))
+    assert c.load_keys(keys[:2], block_major=True).shape[0] == 0
     with pytest.raises(ValueError, match="blocks: expected"):
         c.store_keys(keys[:1], blocks)
     with pytest.raises(TypeError, match="keys: expected BlockKey"):

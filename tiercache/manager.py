@@ -254,16 +254,20 @@ class TierCache:
             keys = keys[: out.shape[2] // self._B]
         return self.reads.load(keys, out)
 
-    def load_keys(self, keys: list[BlockKey], out: torch.Tensor | None = None) -> torch.Tensor:
+    def load_keys(self, keys: list[BlockKey], out: torch.Tensor | None = None,
+                  block_major: bool = False) -> torch.Tensor:
         """`load` for keys the caller derived itself (see `store_keys`): the KV of the longest served
-        run of `keys` from the first, [L, planes, n, H, D] (n = 0 on a miss)."""
+        run of `keys` from the first, [L, planes, n, H, D] (n = 0 on a miss); with `block_major`,
+        as blocks [m, L, planes, block_size, H, D] (what a paged cache takes, without a reorder)."""
         self._check_open()
         if not all(isinstance(k, BlockKey) for k in keys):
             raise TypeError("keys: expected BlockKey values (from TierCache.keys or Keyer.keys)")
         if out is not None:
+            if block_major:
+                raise ValueError("out: not with block_major=True (the blocks come back as a new tensor)")
             self._check_out(out)
             keys = keys[: out.shape[2] // self._B]
-        return self.reads.load(list(keys), out)
+        return self.reads.load(list(keys), out, block_major)
 
     def _corrupt(self, tier: str, key: BlockKey, err: Exception) -> None:
         self.recorder.corrupt(tier)

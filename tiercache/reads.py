@@ -89,7 +89,7 @@ class ReadPath:
                 raise
 
     def _run(self, keys: list, out: torch.Tensor | None, want_out: bool,
-             copy_events: list | None = None) -> tuple[Any, list[bool], Any]:
+             copy_events: list | None = None, block_major: bool = False) -> tuple[Any, list[bool], Any]:
         """One whole-prefix read: (plan, ok per block, the filled `out` or None). On CUDA, `copy_events`
         receives (host seconds before the copy, start and end events around it on the current stream)."""
         t0 = time.perf_counter()
@@ -102,15 +102,21 @@ class ReadPath:
             good = (set(range(len(plan))) - set(targets)) | self.mover.fetch(plan, targets, disk_get=get)
             n = next((i for i in range(len(plan)) if i not in good), len(plan))
             if want_out:
-                if out is None:
-                    out = torch.empty(self.layout.kv_shape(n * self._B), dtype=self.layout.dtype, device=self.device)
+                if block_major:  # [n, L, planes, B, H, D]: what a paged cache takes, one copy less
+                    out = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype, device=self.device)
+                    out6 = out.permute(1, 2, 0, 3, 4, 5)
+                else:
+                    if out is None:
+                        out = torch.empty(self.layout.kv_shape(n * self._B), dtype=self.layout.dtype,
+                                          device=self.device)
+                    out6 = out[:, :, :n * self._B].unflatten(2, (n, self._B))
                 if n:
                     timed = copy_events is not None and out.is_cuda
                     if timed:
                         start = torch.cuda.Event(enable_timing=True)
                         start.record(torch.cuda.current_stream(out.device))
                         host = time.perf_counter() - t0
-                    self.mover.gather(plan, n, out[:, :, :n * self._B].unflatten(2, (n, self._B)), targets)
+                    self.mover.gather(plan, n, out6, targets)
                     if timed:
                         end = torch.cuda.Event(enable_timing=True)
                         end.record(torch.cuda.current_stream(out.device))
@@ -129,18 +135,18 @@ class ReadPath:
             self.recorder.loaded(t, n * self.layout.block_bytes, seconds, n * self._B)
 
     # -- the three reads ------------------------------------------------------------------
-    def load(self, keys: list, out: torch.Tensor | None) -> torch.Tensor:
+    def load(self, keys: list, out: torch.Tensor | None, block_major: bool = False) -> torch.Tensor:
         self.settle()
         t0 = time.perf_counter()
         copy_events: list = []
-        plan, ok, out = self._run(keys, out, want_out=True, copy_events=copy_events)
+        plan, ok, out = self._run(keys, out, want_out=True, copy_events=copy_events, block_major=block_major)
         n = next((i for i, g in enumerate(ok) if not g), len(ok))
         if copy_events:  # CUDA: host work, then the copy's device time (the host did not wait for it)
             host, start, end = copy_events[0]
             self.times.add(lambda s, served=plan.serving[:n]: self._account(served, s), start, end, host)
         else:
             self._account(plan.serving[:n], time.perf_counter() - t0)
-        return out[:, :, : n * self._B]
+        return out[:n] if block_major else out[:, :, : n * self._B]
 
     def prefetch(self, keys: list) -> PrefetchHandle:
         with self._prefetch_lock:

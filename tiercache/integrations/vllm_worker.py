@@ -188,10 +188,9 @@ class WorkerSide:
                     self.cache.recorder.loaded("host", len(good) * self.layout.block_bytes,
                                                time.perf_counter() - t0, len(good) * B)
             if h < n and self.cache is not None:
-                kv = self.cache.load_keys(keys[h:])                        # [L, 2, m*B, H, D], the served run
-                m = kv.shape[2] // B
+                blocks = self.cache.load_keys(keys[h:], block_major=True)  # [m, L, 2, B, H, D], the served run
+                m = blocks.shape[0]
                 if m:
-                    blocks = kv.unflatten(2, (m, B)).permute(2, 0, 1, 3, 4, 5).contiguous()  # [m, L, 2, B, H, D]
                     promote = [(j, job.promote[j]) for j in range(h, h + m) if j in job.promote]
                     vllm_pages.scatter(blocks.to(self.layers[0].device), self.layers, job.block_ids[h:h + m],
                                        self.page_layout)
