@@ -119,11 +119,11 @@ class Engine:
 
     @staticmethod
     def _write_page(w: WorkerSide, page: int, kv: torch.Tensor) -> None:
-        vllm_pages.torch_scatter(kv.unsqueeze(0), w.layers, [page], "flash")  # not the patched scatter
+        vllm_pages.torch_scatter(kv.unsqueeze(0).to(w.layers[0].device), w.layers, [page], "flash")  # not patched
 
     @staticmethod
     def _read_page(w: WorkerSide, page: int) -> torch.Tensor:
-        return vllm_pages.torch_gather(w.layers, [page], "flash")[0]
+        return vllm_pages.torch_gather(w.layers, [page], "flash")[0].cpu()
 
     def idle(self) -> bool:
         d = self.sched.describe()
@@ -308,3 +308,30 @@ def test_asynchronous_load_reports_the_request_when_its_blocks_are_in(engine, tm
     assert s.describe()["host_blocks"] == 5 and b.idle()   # promoted, nothing left pinned
     # a small load from host memory stays synchronous
     assert s.num_new_matched_tokens(b.request(toks), 0) == (5 * B, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_loads_layer_by_layer_on_a_side_stream(engine):
+    """Host hit into GPU pages: one scatter per layer on the load stream; the compute stream waits per layer."""
+    e = engine()
+    w = e.workers[0]
+    w.layers = [torch.zeros((NUM_PAGES, H, B, 2 * D), dtype=torch.bfloat16, device="cuda") for _ in range(L)]
+    toks = doc(4, 10)
+    e.run(e.request(toks))
+    req = e.request(toks)
+    hit, _ = e.sched.num_new_matched_tokens(req, 0)
+    pages = [e.free.pop(0) for _ in range(5)]
+    e.sched.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (pages,)), hit)
+    out = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=req.request_id, block_ids=(pages,))],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set()),
+        num_scheduled_tokens={req.request_id: req.num_tokens - hit}, scheduled_spec_decode_tokens={})
+    meta = e.sched.build_meta(out)
+    torch.cuda._sleep(50_000_000)              # the compute stream is busy: the loads must not wait for the host
+    w.start_load(meta)
+    assert sorted(w._layer_events) == list(range(L))
+    for name in w.layer_names:
+        w.wait_for_layer(name)
+    assert not w._layer_events
+    assert all(torch.equal(Engine._read_page(w, pages[i]), block_kv(toks, i, 0)) for i in range(4))

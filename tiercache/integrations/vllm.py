@@ -80,7 +80,9 @@ class TierCacheConnector(KVConnectorBase_V1):
             self.worker.start_load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads are whole-prefix and finish in start_load_kv
+        # On a GPU, this layer's attention waits (on the device) for this layer's copies only; on the
+        # CPU the loads finished in start_load_kv (the copy and the forward share the same cores).
+        self.worker.wait_for_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return None  # saves happen once per step, in wait_for_save

@@ -23,6 +23,7 @@ whatever the scheduler believes, a worker never serves a slot holding another bl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -71,6 +72,9 @@ class WorkerSide:
             if self.cfg.disk_enabled or self.cfg.remote_url or n else None
         self.layers: list[torch.Tensor] = []
         self.page_layout: str | None = None
+        self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self._layer_events: dict[int, list] = {}   # CUDA: layer -> events of this step's loads into it
+        self._stream = None
         self._failed: set[int] = set()
         self._failed_reqs: set[str] = set()
         self._done: dict[int, list[bool]] = {}
@@ -177,11 +181,13 @@ class WorkerSide:
                     dev = self.layers[0].device
                     if dev.type == "cpu":
                         blocks = self.host.tensor.index_select(0, idx)       # [m, L, 2, B, H, D]
-                    else:  # up through pinned staging, asynchronously on the current stream
-                        blocks = torch.empty((len(good), *self.layout.block_shape), dtype=self.layout.dtype,
-                                             device=dev)
-                        self.host.gather(idx, blocks.permute(1, 2, 0, 3, 4, 5))
-                    vllm_pages.scatter(blocks, self.layers, [job.block_ids[j] for j in good], self.page_layout)
+                        self._to_pages(blocks, [job.block_ids[j] for j in good], job.is_async)
+                    else:
+                        with self._load_stream(job.is_async):  # up through pinned staging, on the load stream
+                            blocks = torch.empty((len(good), *self.layout.block_shape), dtype=self.layout.dtype,
+                                                 device=dev)
+                            self.host.gather(idx, blocks.permute(1, 2, 0, 3, 4, 5))
+                            self._to_pages(blocks, [job.block_ids[j] for j in good], job.is_async)
                     for j in good:
                         ok[j] = True
                     self.counters["host_loaded_tokens"] += len(good) * B
@@ -192,8 +198,8 @@ class WorkerSide:
                 m = blocks.shape[0]
                 if m:
                     promote = [(j, job.promote[j]) for j in range(h, h + m) if j in job.promote]
-                    vllm_pages.scatter(blocks.to(self.layers[0].device), self.layers, job.block_ids[h:h + m],
-                                       self.page_layout)
+                    with self._load_stream(job.is_async):
+                        self._to_pages(blocks.to(self.layers[0].device), job.block_ids[h:h + m], job.is_async)
                     for j in range(h, h + m):
                         ok[j] = True
                     self.counters["slow_loaded_tokens"] += m * B
@@ -207,6 +213,47 @@ class WorkerSide:
         except Exception:  # a storage fault is a miss: vLLM recomputes what was not loaded
             log.exception("tiercache: load for request %s failed; its blocks are recomputed", job.req_id)
             self.stats.count("load_errors")
+
+    # -- into vLLM's pages: layer by layer on a GPU ----------------------------------------------
+    def _load_stream(self, is_async: bool) -> Any:
+        """CUDA: a side stream ordered after the compute stream's work so far (vLLM allocated and may have
+        zeroed these pages there); the compute stream waits for each layer in wait_for_layer_load."""
+        if not self.layers or self.layers[0].device.type != "cuda" or is_async:
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.layers[0].device, priority=-1)
+        self._stream.wait_stream(torch.cuda.current_stream(self.layers[0].device))
+        return torch.cuda.stream(self._stream)
+
+    def _to_pages(self, blocks: torch.Tensor, block_ids: list[int], is_async: bool) -> None:
+        """Scatter canonical blocks into vLLM's pages. On a GPU, for a load the step waits on, one scatter per
+        layer with an event after each: layer i's attention waits only for layer i (wait_for_layer_load). An
+        asynchronous load finishes all layers before its request is reported."""
+        if not blocks.is_cuda or is_async:
+            vllm_pages.scatter(blocks, self.layers, block_ids, self.page_layout)
+            if blocks.is_cuda:
+                torch.cuda.current_stream(blocks.device).synchronize()
+            return
+        stream = torch.cuda.current_stream(blocks.device)
+        for i, layer in enumerate(self.layers):
+            vllm_pages.scatter(blocks[:, i:i + 1].contiguous(), [layer], block_ids, self.page_layout)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self._layer_events.setdefault(i, []).append(ev)
+        blocks.record_stream(stream)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """The compute stream waits (on the device, not the host) for this layer's loads of this step."""
+        i = self._layer_index.get(layer_name)
+        events = self._layer_events.pop(i, None) if i is not None else None
+        if events:
+            compute = torch.cuda.current_stream(self.layers[0].device)
+            for ev in events:
+                compute.wait_event(ev)
+
+    def _wait_all_layers(self) -> None:
+        for name in list(self.layer_names):
+            self.wait_for_layer(name)
 
     def _loaded(self, job: LoadJob, ok: list[bool], unfilled: set[int]) -> None:
         B = self.layout.block_size
@@ -229,6 +276,7 @@ class WorkerSide:
 
     # -- saves -----------------------------------------------------------------------------------
     def save(self, meta: TierCacheMetadata) -> None:
+        self._wait_all_layers()  # a layer vLLM did not wait for is still ordered before what follows
         for i, job in enumerate(meta.saves):
             ok = [False] * len(job.block_ids)
             try:
