@@ -79,7 +79,7 @@ def engine(args: argparse.Namespace) -> None:
 
 
 def measure(layers: int = 8, tokens: int = 2048, reps: int = 5, runs: str = DEFAULT_RUNS, extra: str = "{}",
-            log=lambda s: None) -> dict:
+            log=lambda s: None, omp_threads: int | None = None) -> dict:
     """Run every connector:phase pair in its own process; medians in ms, and whether every hit was exact."""
     from tiercache.tools import tiny_llama
 
@@ -88,6 +88,8 @@ def measure(layers: int = 8, tokens: int = 2048, reps: int = 5, runs: str = DEFA
     env = dict(os.environ)
     for k, v in ENV.items():
         env.setdefault(k, v)
+    if omp_threads is not None:  # every engine alike: e.g. leave a core to tiercache's background writes
+        env["OMP_NUM_THREADS"] = str(omp_threads)
     results: dict[str, list[float]] = {}
     sampled: dict[str, list[list[int]]] = {}
     stores: dict[str, str] = {}
@@ -110,7 +112,7 @@ def measure(layers: int = 8, tokens: int = 2048, reps: int = 5, runs: str = DEFA
             sampled[f"{connector}/{k}"] = v
     cold = sampled.get("none/cold")
     exact = {k: v == cold for k, v in sampled.items() if cold is not None and k != "none/cold"}
-    return {"layers": layers, "tokens": tokens, "reps": reps, "exact": exact,
+    return {"layers": layers, "tokens": tokens, "reps": reps, "omp_threads": omp_threads, "exact": exact,
             "results": {k: {"median_ms": statistics.median(v), "all_ms": v} for k, v in results.items()}}
 
 
@@ -140,6 +142,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print the section's rows and the raw figures as JSON")
+    ap.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS for every engine (default: vLLM's own choice)")
     ap.add_argument("--engine", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -152,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.engine:
         return engine(args)
-    result = measure(args.layers, args.tokens, args.reps, args.runs, args.extra,
+    result = measure(args.layers, args.tokens, args.reps, args.runs, args.extra, omp_threads=args.omp_threads,
                      log=lambda s: print(f"[vllm-bench] {s}", file=sys.stderr, flush=True))
     print(json.dumps({**result, "rows": rows(result)}, indent=None if args.json else 1))
 
