@@ -71,31 +71,33 @@ def _indexed(id_list: list[int]) -> bool:
     return len(runs(id_list)) > max(2, len(id_list) // _MAX_RUNS_FRACTION)
 
 
-def gather(layers: list[torch.Tensor], ids: torch.Tensor, geo: PagedGeometry, out: torch.Tensor) -> None:
+def _move(layers: list[torch.Tensor], ids: torch.Tensor, geo: PagedGeometry, blocks: torch.Tensor,
+          into_pages: bool) -> None:
+    """Pages <-> canonical blocks, plane by plane and layer by layer: one copy per run of consecutive ids."""
     id_list = ids.tolist()
     indexed = _indexed(id_list)
     spans = runs(id_list) if not indexed else []
     for p in range(len(geo.planes)):
         f = _widen(geo, p, layers[0].element_size())
         for i, layer in enumerate(layers):
-            src, dst = _plane(layer, geo, p, f), _canonical(out, i, p, geo, f)
+            pages, canon = _plane(layer, geo, p, f), _canonical(blocks, i, p, geo, f)
             if indexed:
-                dst.copy_(src.index_select(0, ids))
+                if into_pages:
+                    pages.index_copy_(0, ids, canon)
+                else:
+                    canon.copy_(pages.index_select(0, ids))
                 continue
             for first, count, pos in spans:
-                dst.narrow(0, pos, count).copy_(src.narrow(0, first, count))
+                page_run, canon_run = pages.narrow(0, first, count), canon.narrow(0, pos, count)
+                if into_pages:
+                    page_run.copy_(canon_run)
+                else:
+                    canon_run.copy_(page_run)
+
+
+def gather(layers: list[torch.Tensor], ids: torch.Tensor, geo: PagedGeometry, out: torch.Tensor) -> None:
+    _move(layers, ids, geo, out, into_pages=False)
 
 
 def scatter(blocks: torch.Tensor, layers: list[torch.Tensor], ids: torch.Tensor, geo: PagedGeometry) -> None:
-    id_list = ids.tolist()
-    indexed = _indexed(id_list)
-    spans = runs(id_list) if not indexed else []
-    for p in range(len(geo.planes)):
-        f = _widen(geo, p, layers[0].element_size())
-        for i, layer in enumerate(layers):
-            dst, src = _plane(layer, geo, p, f), _canonical(blocks, i, p, geo, f)
-            if indexed:
-                dst.index_copy_(0, ids, src)
-                continue
-            for first, count, pos in spans:
-                dst.narrow(0, first, count).copy_(src.narrow(0, pos, count))
+    _move(layers, ids, geo, blocks, into_pages=True)

@@ -149,6 +149,17 @@ def engine(tmp_path, monkeypatch):
         e.close()
 
 
+def on_disk(engine, tmp_path, toks: list[int], **extra) -> tuple[dict, Engine]:
+    """Store `toks` through one engine, close it, and return a second one over the same disk (a new process:
+    empty host memory)."""
+    cfg = {"host_bytes": 64 * BLOCK_BYTES, "disk_path": str(tmp_path / "store"), "disk_bytes": "64MiB", **extra}
+    a = engine(cfg)
+    a.run(a.request(toks))
+    a.workers[0].flush()
+    a.close()
+    return cfg, engine(cfg)
+
+
 def test_host_hits_are_offered_by_the_scheduler_and_served_bit_exact(engine):
     e = engine()
     toks = doc(6, 1)
@@ -165,13 +176,8 @@ def test_host_hits_are_offered_by_the_scheduler_and_served_bit_exact(engine):
 
 
 def test_disk_hits_are_promoted_to_host_memory(engine, tmp_path):
-    cfg = {"host_bytes": 64 * BLOCK_BYTES, "disk_path": str(tmp_path / "store"), "disk_bytes": "64MiB"}
-    a = engine(cfg)
     toks = doc(5, 2)
-    a.run(a.request(toks))
-    a.workers[0].flush()
-    a.close()
-    b = engine(cfg)        # a new process: empty host memory, the same disk
+    _, b = on_disk(engine, tmp_path, toks)
     r = b.run(b.request(toks))
     assert r["hit_blocks"] == 5 and r["loaded_exact"] == [[True] * 5]
     assert b.sched.stats.take().data["hit_tokens.disk"] == 5 * B
@@ -211,13 +217,8 @@ def test_a_slot_holding_another_block_is_a_miss(engine):
 
 @pytest.mark.parametrize("fault", [RuntimeError("scatter failed"), KeyboardInterrupt()])
 def test_a_load_that_raises_releases_its_plan(engine, monkeypatch, tmp_path, fault):
-    cfg = {"host_bytes": 64 * BLOCK_BYTES, "disk_path": str(tmp_path / "store"), "disk_bytes": "64MiB"}
-    a = engine(cfg)
     toks = doc(4, 6)
-    a.run(a.request(toks))
-    a.workers[0].flush()
-    a.close()
-    b = engine(cfg)
+    _, b = on_disk(engine, tmp_path, toks)
     real = vllm_pages.scatter
 
     def broken(*args, **kw):
@@ -276,14 +277,8 @@ def test_tensor_parallel_ranks_must_all_succeed(engine, monkeypatch):
 
 
 def test_asynchronous_load_reports_the_request_when_its_blocks_are_in(engine, tmp_path):
-    cfg = {"host_bytes": 64 * BLOCK_BYTES, "disk_path": str(tmp_path / "store"), "disk_bytes": "64MiB",
-           "async_load_bytes": 0}       # every slow-tier load in the background
-    a = engine(cfg)
     toks = doc(5, 9)
-    a.run(a.request(toks))
-    a.workers[0].flush()
-    a.close()
-    b = engine(cfg)
+    _, b = on_disk(engine, tmp_path, toks, async_load_bytes=0)   # every slow-tier load in the background
     s, w = b.sched, b.workers[0]
     req = b.request(toks)
     hit, is_async = s.num_new_matched_tokens(req, 0)
