@@ -36,7 +36,8 @@ import torch
 from tiercache.config import CacheConfig
 from tiercache.tools.bench.protocol import BenchConfig, drop_from_page_cache, resident_fraction, summary
 
-VLLM_ROW = "not measured by tiercache bench: the vLLM connector runs in its own venv (tests/vllm)"
+VLLM_ROW = ("not measured in this section (transformers): vLLM runs in its own venv; `tiercache bench --vllm PYTHON` "
+            "adds its TTFT section (tiercache, vLLM's own prefix cache, ExampleConnector)")
 TINY = {"layers": 2, "hidden": 128, "documents": 2, "questions": 2, "document_tokens": 160, "system_tokens": 48}
 TIERS = ("host", "disk, page cache dropped", "disk, page cache warm")
 
