@@ -82,8 +82,7 @@ class WorkerSide:
         self._queued = 0
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-vllm-save")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiercache-vllm-load")
-        self._loading: set[str] = set()      # requests whose asynchronous load runs
-        self._recved: set[str] = set()       # ... and finished (their failed blocks are already in _failed)
+        self._recved: set[str] = set()   # asynchronous loads finished (their failed blocks are already in _failed)
         # cumulative (what a test or an operator reads) and per-interval (what vLLM ships to /metrics)
         self.counters = {"loaded_tokens": 0, "failed_blocks": 0, "saved_tokens": 0, "dropped_saves": 0,
                          "save_errors": 0, "host_loaded_tokens": 0, "slow_loaded_tokens": 0}
@@ -115,15 +114,17 @@ class WorkerSide:
     def _fill_slots(self, slots: list[int], keys: list[bytes], blocks: torch.Tensor) -> None:
         """Copy blocks [n, L, 2, B, H, D] into host slots; each slot's key is set only once its bytes are in."""
         t0 = time.perf_counter()
-        for s in slots:
-            if self.slot_keys[s] is not None:
-                self.slot_keys[s] = None  # what the slot held is gone from here on
-                self._held -= 1
+        with self._lock:  # an asynchronous load's promotion may run beside a save (other slots)
+            for s in slots:
+                if self.slot_keys[s] is not None:
+                    self.slot_keys[s] = None  # what the slot held is gone from here on
+                    self._held -= 1
         idx = torch.tensor(slots, dtype=torch.long)
         self.host.tensor.index_copy_(0, idx, blocks if blocks.device.type == "cpu" else blocks.cpu())
-        for s, k in zip(slots, keys):
-            self.slot_keys[s] = k
-        self._held += len(slots)
+        with self._lock:
+            for s, k in zip(slots, keys):
+                self.slot_keys[s] = k
+            self._held += len(slots)
         bb = self.layout.block_bytes
         rec = self.cache.recorder
         rec.stored("host", len(slots) * bb, time.perf_counter() - t0)
@@ -135,8 +136,6 @@ class WorkerSide:
         sync = [job for job in meta.loads if not job.is_async]
         for job in meta.loads:
             if job.is_async:  # the request waits (not scheduled) until get_finished reports it
-                with self._lock:
-                    self._loading.add(job.req_id)
                 self._loader.submit(self._run_async, job)
         for i, job in enumerate(sync):
             ok = [False] * len(job.block_ids)   # block j is in vLLM's pages
@@ -158,7 +157,6 @@ class WorkerSide:
         finally:
             self._loaded(job, ok, unfilled)
             with self._lock:  # failed blocks are recorded before the request is reported finished
-                self._loading.discard(job.req_id)
                 self._recved.add(job.req_id)
 
     def finished_loads(self) -> set[str]:
