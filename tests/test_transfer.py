@@ -591,3 +591,14 @@ def test_background_promotions_run_on_the_engines_stream_and_are_waited_for(fake
         assert rp._promote(None, {1}, {}, background=False) == {1} and seen[-1] is fake.default
     finally:
         rp.close()
+
+
+def test_run_start_finds_one_ascending_run_only():
+    from tiercache.mover import _run_start
+
+    assert _run_start(torch.tensor([3, 4, 5, 6])) == 3
+    assert _run_start(torch.tensor([7])) == 7
+    assert _run_start(torch.tensor([0, 2, 1, 3])) is None      # same ends, not a run
+    assert _run_start(torch.tensor([1, 2, 4])) is None
+    assert _run_start(torch.tensor([2, 2])) is None
+    assert _run_start(torch.tensor([], dtype=torch.long)) is None

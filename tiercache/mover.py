@@ -35,6 +35,15 @@ from .errors import CorruptFrame, OnceLogger
 from .tiers.slab import MemorySlab, StagingArea, staging_pool
 
 
+def _run_start(idx: torch.Tensor) -> int | None:
+    """The first index when `idx` (1-D, CPU) is one ascending run of consecutive integers, else None."""
+    n = idx.numel()
+    if not n or idx.device.type != "cpu":
+        return None
+    first = int(idx[0])
+    return first if int(idx[-1]) - first == n - 1 and (n < 3 or bool((idx.diff() == 1).all())) else None
+
+
 def as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
@@ -278,7 +287,10 @@ class Mover:
                     pinned.device_to_host(self.pool, torch.index_select(src, dim, idx.to(src.device)), dim, out6,
                                           None if whole else pos)
                 continue
-            picked = torch.index_select(src, dim, idx.to(src.device))
+            start = _run_start(idx)
+            # slots (or scratch rows) in one ascending run: a view, not an index_select copy first
+            picked = src.narrow(dim, start, idx.numel()) if start is not None \
+                else torch.index_select(src, dim, idx.to(src.device))
             if whole:
                 out6.copy_(picked, non_blocking=True)
             else:
