@@ -311,3 +311,26 @@ def test_hf_layer_from_host_memory_goes_up_through_pinned_memory():
     up = _to_device(kv, torch.device("cuda"))
     torch.cuda.synchronize()
     assert up.is_cuda and torch.equal(up.cpu(), kv)
+
+
+def test_a_device_slot_read_still_queued_is_not_overwritten_from_another_stream(gpu_layout):
+    """A load's gather from a device slot is enqueued (not done) when its plan releases the slot; a write into
+    that slot from another stream (a store, a background promotion) must wait for it."""
+    from tiercache.tiers.slab import MemorySlab
+
+    slab = MemorySlab("device", gpu_layout, 2, torch.device("cuda"))
+    old = torch.full(gpu_layout.block_shape, 1.0, dtype=gpu_layout.dtype, device="cuda")
+    new = torch.full(gpu_layout.block_shape, 2.0, dtype=gpu_layout.dtype, device="cuda")
+    slab.scatter([0], old.unsqueeze(2))
+    torch.cuda.synchronize()
+    out6 = torch.empty((gpu_layout.num_layers, gpu_layout.planes, 1, *gpu_layout.block_shape[2:]),
+                       dtype=gpu_layout.dtype, device="cuda")
+    reader, writer = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(reader):
+        torch.cuda._sleep(SLOW)               # the read is queued behind slow work
+        slab.gather([0], out6)
+    with torch.cuda.stream(writer):
+        slab.scatter([0], new.unsqueeze(2))   # the slot was released and reused meanwhile
+    torch.cuda.synchronize()
+    assert torch.equal(out6[:, :, 0], old)    # the reader got the bytes it planned for
+    assert torch.equal(slab.view(0), new)

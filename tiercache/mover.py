@@ -295,6 +295,8 @@ class Mover:
                 out6.copy_(picked, non_blocking=True)
             else:
                 out6.index_copy_(dim, pos.to(out6.device), picked.to(out6.device, non_blocking=True))
+            if medium in self.slabs:
+                self.slabs[medium].note_read()
         for i, t in loose:
             self.copy_block(out6.select(dim, i), t if layer is None else t[layer])
 

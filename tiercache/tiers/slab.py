@@ -60,6 +60,11 @@ class MemorySlab:
             self.tensor, self._owner = torch.empty(shape, dtype=layout.dtype, device=device), None
         # [L, planes, slots, B, H, D]: the token axis of a prefix is (slot, B) in this view
         self._by_layer = self.tensor.permute(1, 2, 0, 3, 4, 5)
+        # CUDA slab: the event after each stream's latest read. A read is enqueued, not done, when its plan
+        # releases the slots; a write from another stream waits for these first (never overwrite a slot a
+        # queued read of another stream has yet to copy).
+        self._reads: dict[int, torch.cuda.Event] = {}
+        self._reads_lock = threading.Lock()
 
     @property
     def pinned(self) -> bool:
@@ -74,6 +79,28 @@ class MemorySlab:
 
     def view(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
+
+    def note_read(self) -> None:
+        """After enqueueing a read of this (CUDA) slab on the current stream: later writes from other streams
+        are ordered after it."""
+        if self.device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(self.device)
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        with self._reads_lock:
+            self._reads[stream.cuda_stream] = ev
+
+    def before_write(self) -> None:
+        """Before enqueueing a write into this (CUDA) slab: the current stream waits for every other
+        stream's latest read."""
+        if self.device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(self.device)
+        with self._reads_lock:
+            pending = [ev for sid, ev in self._reads.items() if sid != stream.cuda_stream]
+        for ev in pending:
+            stream.wait_event(ev)
 
     def index(self, slots: list[int]) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.device)
@@ -92,10 +119,12 @@ class MemorySlab:
             torch.index_select(src, dim, idx, out=out6)
         else:
             out6.copy_(torch.index_select(src, dim, idx.to(self.device)), non_blocking=True)
+        self.note_read()
 
     def scatter(self, slots: list[int], blocks6: torch.Tensor) -> None:
         """block slots[j] = blocks6[:, :, j]; blocks6 is [L, planes, n, B, H, D]."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.before_write()
         if pinned.crosses(blocks6.device, self.device):
             if self.device.type == "cpu":  # returns once the bytes are in the slot (the host reads them next)
                 pinned.device_to_host(self.staging, blocks6, 2, self._by_layer, pos=idx)
