@@ -111,6 +111,11 @@ def test_vllm_serve_answers_and_a_second_server_reports_external_hits(model_dir,
         assert second.metric("vllm:prefix_cache_hits_total") == 0   # its own cache is cold
         # the connector's own counters reach vLLM's /metrics (no PROMETHEUS_MULTIPROC_DIR needed)
         assert second.metric("tiercache_hit_tokens_total") == hits
+        # every series the dashboard's vLLM row reads is on vLLM's /metrics
+        from tiercache.tools.dashboards import VLLM_SERIES
+        for name in (*VLLM_SERIES, "tiercache_recomputed_blocks_total"):
+            second.metric(name)
+        assert second.metric("vllm:prompt_tokens_cached_by_source_total") == hits   # vLLM's own cache is cold
     finally:
         second.stop()
     assert hits >= 128

@@ -40,6 +40,20 @@ def _m(name: str) -> str:
     return name
 
 
+# Series only a vLLM server has: vLLM's own, and those the connector publishes on vLLM's /metrics. Panels
+# using them show data only when Prometheus scrapes vLLM (job `vllm` in prometheus.yml).
+VLLM_SERIES = ("vllm:prompt_tokens_cached_by_source_total", "vllm:external_prefix_cache_hits_total",
+               "vllm:external_prefix_cache_queries_total")
+
+
+def _vm(name: str) -> str:
+    """A series of a vLLM server: vLLM's (listed above) or the connector's (tiercache.integrations.vllm_series)."""
+    from tiercache.integrations.vllm_series import series_names
+    if name not in VLLM_SERIES and name not in series_names():
+        raise ValueError(f"metric: {name!r} is neither a listed vLLM series nor one the connector publishes")
+    return name
+
+
 def _sel(**labels: str) -> str:
     parts = ['job=~"$job"', 'instance=~"$instance"'] + [f'{k}="{v}"' for k, v in labels.items()]
     return "{" + ", ".join(parts) + "}"
@@ -171,9 +185,25 @@ def _rows() -> list[tuple[str, int, list[dict]]]:
         _timeseries("Errors by tier and operation", "Storage faults turned into misses (per second).", "short",
                     [_target(f"sum by (tier, op) ({_rate('tiercache_errors_total')})", "{{tier}} {{op}}")]),
     ]
+    by_source = _vm("vllm:prompt_tokens_cached_by_source_total")
+    recomputed = _vm("tiercache_recomputed_blocks_total")
+    ext_hits = _vm("vllm:external_prefix_cache_hits_total")
+    ext_queries = _vm("vllm:external_prefix_cache_queries_total")
+    vllm = [
+        _timeseries("vLLM: prompt tokens cached, by source", "vLLM's own count at admission: its GPU prefix cache "
+                    "(device) and the connector's hits from host memory and disk.", "short",
+                    [_target(f"sum by (source) (rate({by_source}{_sel()}[$__rate_interval]))", "{{source}}")]),
+        _timeseries("vLLM: external hit rate", "Tokens the connector supplied over tokens vLLM asked it about.",
+                    "percentunit",
+                    [_target(f"sum(rate({ext_hits}{_sel()}[$__rate_interval])) / "
+                             f"sum(rate({ext_queries}{_sel()}[$__rate_interval]))", "external hit rate")], max=1),
+        _timeseries("vLLM: blocks recomputed after a failed load", "Blocks a lookup offered that a worker could not "
+                    "serve (evicted since, corrupt, a fault): vLLM recomputed them; never served wrong.", "short",
+                    [_target(f"sum(rate({recomputed}{_sel()}[$__rate_interval]))", "recomputed blocks")]),
+    ]
     return [("Overview", 4, overview), ("Hit rate", 8, hits), ("Data movement", 8, movement),
             ("Capacity", 8, capacity[:3]), ("", 8, capacity[3:]), ("Prefetch", 8, prefetch),
-            ("Faults", 8, faults)]
+            ("Faults", 8, faults), ("Under vLLM (data when Prometheus scrapes vLLM's /metrics)", 8, vllm)]
 
 
 def _variable(name: str, label: str, query: str) -> dict[str, Any]:
