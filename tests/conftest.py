@@ -109,3 +109,52 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["lmdb", "files"])
+def frame_home(request, monkeypatch):
+    """Run a disk test twice: frames inside LMDB (the test layouts are small), and every frame in a file
+    of its own (`disk_file_bytes=0`, what large blocks get by default). In this process only: a test's
+    child processes keep the default."""
+    if request.param == "files":
+        from tiercache.tiers.disk import DiskTier
+        init = DiskTier.__init__
+
+        def files_init(self, *a, **kw):
+            from tiercache.tiers.frame_files import FILE_MIN_BYTES
+            if kw.get("file_min_bytes", FILE_MIN_BYTES) == FILE_MIN_BYTES:  # not chosen by the test itself
+                kw["file_min_bytes"] = 0
+            init(self, *a, **kw)
+        monkeypatch.setattr(DiskTier, "__init__", files_init)
+    return request.param
+
+
+def rewrite_frame(path, key: bytes, change) -> None:
+    """Replace the stored frame of `key` with change(bytearray of it), wherever it lives: inside LMDB,
+    or in its file (the pointer row is left as it is, so a frame of another length is a damaged file)."""
+    import lmdb
+
+    from tiercache.tiers.frame_files import FrameFiles, parse_pointer
+    env = lmdb.open(str(path), max_dbs=8, subdir=True)
+    try:
+        db = env.open_db(b"blocks")
+        with env.begin(write=True, db=db) as txn:
+            value = bytes(txn.get(key))
+            ptr = parse_pointer(value)
+            if ptr is None:
+                txn.put(key, bytes(change(bytearray(value))))
+                return
+        file = FrameFiles(str(path)).path(key, ptr[1])
+        with open(file, "rb") as f:
+            data = bytearray(f.read())
+        with open(file, "wb") as f:
+            f.write(bytes(change(data)))
+    finally:
+        env.close()
+
+
+def stored_frame(path, key: bytes) -> bytes:
+    """The stored frame of `key`, wherever it lives."""
+    got: list[bytes] = []
+    rewrite_frame(path, key, lambda f: got.append(bytes(f)) or f)
+    return got[0]

@@ -17,6 +17,8 @@ import torch
 from tiercache import CacheConfig, KVLayout, TierCache
 from tiercache.codec import BlockCodec
 
+pytestmark = pytest.mark.usefixtures("frame_home")  # frames in LMDB, and in files
+
 L = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16, block_size=4)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
@@ -139,6 +140,12 @@ class BlockCodec:
 
     def encode(self, block: np.ndarray | memoryview | bytes, key: bytes) -> bytes:
         """Encode one block's raw bytes (a uint8 view of the canonical block tensor), bound to `key`."""
+        return b"".join(self.encode_parts(block, key))
+
+    def encode_parts(self, block: np.ndarray | memoryview | bytes, key: bytes) -> list:
+        """The frame of `encode` as a list of buffers, not joined: raw segments are views of `block`, so a
+        writer that takes a list (os.writev) copies each byte once, straight from the source.
+        The views stay valid only while `block` does."""
         seed = _key_seed(key)
         raw = np.frombuffer(block, dtype=np.uint8) if not isinstance(block, np.ndarray) else block.reshape(-1)
         if raw.dtype != np.uint8:
@@ -149,7 +156,6 @@ class BlockCodec:
         nseg = self.num_segments if len(raw) // self.num_segments >= MIN_SEGMENT_BYTES else 1
         seg_len = len(raw) // nseg
         segs = [raw[i * seg_len:(i + 1) * seg_len] for i in range(nseg)]
-        # parts are buffers (no copies yet); the one join below copies each byte once
         parts = [self._encode_segment(seg) for seg in segs]
         lens = [sum(len(p) for p in seg_parts) for seg_parts in parts]
         table = b"".join(_ENTRY.pack(n, xxhash.xxh3_64_intdigest(seg, seed=(seed + i) & _SEED_MASK))
@@ -158,18 +164,24 @@ class BlockCodec:
         head = _HEAD.pack(MAGIC, FORMAT_VERSION, self.codec, self.itemsize, 0, self.layout_fp, len(raw),
                           xxhash.xxh3_64_intdigest(table, seed=seed), bytes(key), len(segs), 0)
         head = head[:-4] + struct.pack("<I", xxhash.xxh32_intdigest(head[:-4]))
-        return b"".join([head, _PAYLOAD_LEN.pack(payload_len), table, *(p for sp in parts for p in sp)])
+        return [head + _PAYLOAD_LEN.pack(payload_len) + table, *(p for sp in parts for p in sp)]
 
     # -- decode ---------------------------------------------------------------------------
     def _parse(self, frame: memoryview, expected_raw: int | None,
                key: bytes) -> tuple[int, int, list[tuple[int, int]]]:
+        return self._parse_head(frame, len(frame), expected_raw, key)
+
+    def _parse_head(self, head: memoryview, frame_len: int, expected_raw: int | None,
+                    key: bytes) -> tuple[int, int, list[tuple[int, int]]]:
+        """Check a frame's header and segment table; `head` holds at least those (or the whole frame, if
+        shorter), `frame_len` is the length of the whole frame."""
         seed = _key_seed(key)
-        if len(frame) < HEADER_BYTES:
-            raise CorruptFrame(f"frame of {len(frame)} bytes is shorter than the header")
-        magic, version, codec, itemsize, _, lfp, raw_len, table_sum, fkey, nseg, hcrc = _HEAD.unpack_from(frame, 0)
+        if len(head) < HEADER_BYTES:
+            raise CorruptFrame(f"frame of {frame_len} bytes is shorter than the header")
+        magic, version, codec, itemsize, _, lfp, raw_len, table_sum, fkey, nseg, hcrc = _HEAD.unpack_from(head, 0)
         if magic != MAGIC:
             raise CorruptFrame("bad magic")
-        if xxhash.xxh32_intdigest(bytes(frame[:_HEAD.size - 4])) != hcrc:
+        if xxhash.xxh32_intdigest(bytes(head[:_HEAD.size - 4])) != hcrc:
             raise CorruptFrame("header checksum mismatch")
         if version != FORMAT_VERSION:
             raise CorruptFrame(f"unsupported format version {version}")
@@ -181,13 +193,13 @@ class BlockCodec:
             raise CorruptFrame("codec, element size or segment count does not match")
         if expected_raw is not None and raw_len != expected_raw:
             raise CorruptFrame(f"raw length {raw_len} != expected {expected_raw}")
-        (payload_len,) = _PAYLOAD_LEN.unpack_from(frame, _HEAD.size)
+        (payload_len,) = _PAYLOAD_LEN.unpack_from(head, _HEAD.size)
         table_end = HEADER_BYTES + _ENTRY.size * nseg
-        if len(frame) != table_end + payload_len:
-            raise CorruptFrame(f"frame length {len(frame)} != {table_end + payload_len}")
-        if xxhash.xxh3_64_intdigest(frame[HEADER_BYTES:table_end], seed=seed) != table_sum:
+        if frame_len != table_end + payload_len or len(head) < table_end:
+            raise CorruptFrame(f"frame length {frame_len} != {table_end + payload_len}")
+        if xxhash.xxh3_64_intdigest(head[HEADER_BYTES:table_end], seed=seed) != table_sum:
             raise CorruptFrame("segment table checksum mismatch")
-        entries = [_ENTRY.unpack_from(frame, HEADER_BYTES + i * _ENTRY.size) for i in range(nseg)]
+        entries = [_ENTRY.unpack_from(head, HEADER_BYTES + i * _ENTRY.size) for i in range(nseg)]
         if sum(e[0] for e in entries) != payload_len:
             raise CorruptFrame("segment table does not add up to the payload length")
         return codec, seed, entries
@@ -248,30 +260,83 @@ class BlockCodec:
             raise CorruptFrame(f"zstd plane declares {size} bytes, expected {n}")
         return self._dctx().decompress(data, max_output_size=n)
 
-    def decode_into(self, frame: memoryview | bytes, out: np.ndarray, layers: range | None = None, *,
-                    key: bytes) -> None:
-        """Decode a frame into `out` (a uint8 array of the whole block), verifying each segment.
+    def decode_into(self, frame: memoryview | bytes | FrameSource, out: np.ndarray | list,
+                    layers: range | None = None, *, key: bytes) -> None:
+        """Decode a frame into `out`, verifying each segment.
+
+        `out` is a uint8 array of the whole block, or the block's rows where it is not contiguous:
+        one list per layer of the contiguous uint8 arrays that layer's bytes fill, in order (e.g. the
+        K and V rows of a block inside a token-major [L, 2, T, H, D] tensor). `frame` is the frame in
+        memory, or a `FrameSource` read in place (a file: only the header, the table and the wanted
+        segments are read, uncompressed ones straight into `out`, with one positional read per call).
 
         `key` is the block key the frame is read under: a frame written for another key raises
-        CorruptFrame. With `layers`, only those segments are decoded (into their place in `out`),
-        so one frame can be decoded by several threads at once.
+        CorruptFrame. With `layers` (consecutive), only those segments are decoded (into their place
+        in `out`), so one frame can be decoded by several threads at once.
         """
-        frame = memoryview(frame)
-        codec, seed, entries = self._parse(frame, len(out), key)
-        seg_len = len(out) // len(entries)
-        offsets = [HEADER_BYTES + _ENTRY.size * len(entries)]
-        for n, _ in entries[:-1]:
-            offsets.append(offsets[-1] + n)
+        raw_len = len(out) if isinstance(out, np.ndarray) else sum(len(p) for r in out for p in r)
+        if hasattr(frame, "readinto"):
+            src: Any = frame
+            head = src.head(HEADER_BYTES + _ENTRY.size * self.num_segments)
+            codec, seed, entries = self._parse_head(head, src.size, raw_len, key)
+        else:
+            src = memoryview(frame)
+            codec, seed, entries = self._parse(src, raw_len, key)
         if len(entries) == 1 and self.num_segments > 1:
             # a one-segment frame belongs to whoever asks for layer 0
             wanted = [0] if layers is None or 0 in layers else []
+            rows = [[out]] if isinstance(out, np.ndarray) else [[p for r in out for p in r]]
         else:
-            wanted = layers if layers is not None else range(len(entries))
+            wanted = list(layers) if layers is not None else list(range(len(entries)))
+            rows = _rows(out, len(entries))
+        if not wanted:
+            return
+        offsets = [HEADER_BYTES + _ENTRY.size * len(entries)]
+        for n, _ in entries[:-1]:
+            offsets.append(offsets[-1] + n)
+        body, base = src, 0
+        if not isinstance(src, memoryview):  # in place: read the wanted segments
+            first, last = wanted[0], wanted[-1]
+            if wanted != list(range(first, last + 1)):
+                raise ValueError(f"layers: expected consecutive layers, got {wanted}")
+            start, stop = offsets[first], offsets[last] + entries[last][0]
+            if codec == CODEC_NONE:
+                if any(entries[i][0] != sum(len(p) for p in rows[i]) for i in wanted):
+                    raise CorruptFrame("raw segment length mismatch")
+                src.readinto([p for i in wanted for p in rows[i]], start)
+                body = None
+            else:
+                body, base = memoryview(np.empty(stop - start, dtype=np.uint8)), start
+                src.readinto(body, start)
         for i in wanted:
             n, seg_sum = entries[i]
-            dst = out[i * seg_len:(i + 1) * seg_len]
-            self._decode_segment(codec, frame[offsets[i]:offsets[i] + n], dst)
-            if xxhash.xxh3_64_intdigest(dst, seed=(seed + i) & _SEED_MASK) != seg_sum:
+            pieces = rows[i]
+            if body is not None:
+                seg = body[offsets[i] - base:offsets[i] - base + n]
+                if len(pieces) == 1:
+                    self._decode_segment(codec, seg, pieces[0])
+                elif codec == CODEC_NONE:
+                    if n != sum(len(p) for p in pieces):
+                        raise CorruptFrame("raw segment length mismatch")
+                    pos = 0
+                    for p in pieces:
+                        p[:] = np.frombuffer(seg[pos:pos + len(p)], dtype=np.uint8)
+                        pos += len(p)
+                else:
+                    whole = np.empty(sum(len(p) for p in pieces), dtype=np.uint8)
+                    self._decode_segment(codec, seg, whole)
+                    pos = 0
+                    for p in pieces:
+                        p[:] = whole[pos:pos + len(p)]
+                        pos += len(p)
+            if len(pieces) == 1:
+                got = xxhash.xxh3_64_intdigest(pieces[0], seed=(seed + i) & _SEED_MASK)
+            else:
+                h = xxhash.xxh3_64(seed=(seed + i) & _SEED_MASK)
+                for p in pieces:
+                    h.update(p)
+                got = h.intdigest()
+            if got != seg_sum:
                 raise CorruptFrame(f"checksum mismatch in layer {i}")
 
     def decode(self, frame: memoryview | bytes, raw_len: int, *, key: bytes) -> np.ndarray:
@@ -284,6 +349,13 @@ class BlockCodec:
 
         Each segment carries its own checksum, so a layer is verified before anyone sees it.
         """
+        if hasattr(frame, "readinto"):
+            if not 0 <= layer < self.num_segments:
+                raise IndexError(f"layer: {layer} is not in 0..{self.num_segments - 1}")
+            whole = np.empty(len(out) * self.num_segments, dtype=np.uint8)
+            self.decode_into(frame, whole, None if frame_segments(frame) == 1 else range(layer, layer + 1), key=key)
+            out[:] = whole[layer * len(out):(layer + 1) * len(out)]
+            return
         frame = memoryview(frame)
         codec, seed, entries = self._parse(frame, len(out) * self.num_segments, key)
         if not 0 <= layer < len(entries) and len(entries) > 1:
@@ -300,13 +372,33 @@ class BlockCodec:
             raise CorruptFrame(f"checksum mismatch in layer {layer}")
 
 
-def frame_segments(frame: memoryview | bytes) -> int:
+class FrameSource(Protocol):
+    """A frame read in place (a file on disk) instead of held in memory: see `BlockCodec.decode_into`."""
+    size: int
+
+    def head(self, n: int) -> memoryview:
+        """The first min(n, size) bytes."""
+
+    def readinto(self, bufs: Any, offset: int) -> None:
+        """Fill `bufs` (one buffer, or a list filled in order) with the bytes at `offset`; CorruptFrame
+        if the frame ends first."""
+
+
+def frame_segments(frame: memoryview | bytes | FrameSource) -> int:
     """How many segments a frame holds (1: decode it whole; else one per layer)."""
+    if hasattr(frame, "readinto"):
+        return read_header(frame.head(HEADER_BYTES))["segments"]
     return read_header(frame)["segments"]
 
 
 def read_header(frame: memoryview | bytes) -> dict:
-    """Header fields of any frame (no layout needed)."""
+    """Header fields of any frame (no layout needed); a `FrameSource` has its header read."""
+    if hasattr(frame, "readinto"):
+        size = frame.size
+        frame = frame.head(HEADER_BYTES)
+        if len(frame) < HEADER_BYTES:
+            raise CorruptFrame("frame shorter than the header")
+        return {**read_header(frame), "frame_len": size}
     frame = memoryview(frame)
     if len(frame) < HEADER_BYTES:
         raise CorruptFrame("frame shorter than the header")
@@ -321,3 +413,17 @@ def _key_seed(key: bytes) -> int:
     if len(key) != KEY_LEN:
         raise ValueError(f"key: expected a {KEY_LEN}-byte block key, got {len(key)} bytes")
     return int.from_bytes(key[:8], "little")
+
+
+def _rows(out: np.ndarray | list, num_segments: int) -> list[list[np.ndarray]]:
+    """A decode target as rows: per segment, the contiguous uint8 arrays it fills in order."""
+    if isinstance(out, np.ndarray):
+        if out.dtype != np.uint8 or out.ndim != 1:
+            raise TypeError(f"out: expected a 1-D uint8 array, got {out.dtype} of shape {out.shape}")
+        if len(out) % num_segments:
+            raise CorruptFrame(f"raw length {len(out)} does not split into {num_segments} segments")
+        n = len(out) // num_segments
+        return [[out[i * n:(i + 1) * n]] for i in range(num_segments)]
+    if len(out) != num_segments:
+        raise ValueError(f"out: expected {num_segments} rows (one per layer), got {len(out)}")
+    return [list(r) for r in out]

@@ -173,6 +173,9 @@ class CacheConfig:
     # faster disk puts (1.3-1.6x, benchmarks/disk_speed.py); allocates all of disk_bytes up front (so a full
     # filesystem stays an error, not SIGBUS), or is not used, said once, where the filesystem cannot hold it
     disk_writemap: bool = False
+    # frames at least this long are files of their own next to the LMDB index, written with one writev and
+    # read with positional reads (raw-file speed); smaller ones stay inside LMDB. None: every frame in LMDB
+    disk_file_bytes: Any = "256KiB"
     io_threads: int = 2
     # integrations that can load in the background (the vLLM connector) do so for a request whose blocks to
     # bring up from disk or remote exceed this; 0: always, None: never (loads finish before the forward)
@@ -232,6 +235,8 @@ class CacheConfig:
         if not isinstance(self.disk_writemap, bool):
             raise TypeError(f"disk_writemap: expected a bool, got {self.disk_writemap!r}")
         _positive_int(self.io_threads, "io_threads")
+        if self.disk_file_bytes is not None:
+            object.__setattr__(self, "disk_file_bytes", parse_size(self.disk_file_bytes, "disk_file_bytes"))
         if self.async_load_bytes is not None:
             object.__setattr__(self, "async_load_bytes", parse_size(self.async_load_bytes, "async_load_bytes"))
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool)

@@ -142,23 +142,49 @@ class Mover:
                 jobs.append(job)
 
     # -- slow blocks ---------------------------------------------------------------------
-    def fetch_targets(self, plan: LoadPlan) -> dict[int, Loc | torch.Tensor]:
-        """Where each slow block is decoded: its host (or CPU device) promotion slot, else scratch."""
+    def fetch_targets(self, plan: LoadPlan, direct: torch.Tensor | None = None,
+                      block_major: bool = False) -> dict[int, Loc | torch.Tensor]:
+        """Where each slow block is decoded: its host (or CPU device) promotion slot, else its place in
+        `direct` (the load's contiguous CPU result, [L, planes, T, H, D] or block-major [n, L, planes,
+        B, H, D], covering the whole plan), else scratch."""
         slow = plan.slow()
         targets: dict[int, Loc | torch.Tensor] = {}
         need_scratch = []
+        in_place: dict[int, Any] = {}
+        rows_of = None
         for i in slow:
             loc = next((d for d in plan.promote.get(i, ()) if self.slabs[d[0]].device.type == "cpu"), None)
             if loc is not None:
                 targets[i] = loc
+            elif direct is not None:
+                if rows_of is None and not block_major:
+                    rows_of = self._row_view(direct)
+                if block_major:
+                    targets[i] = direct[i]
+                    in_place[i] = as_bytes(direct[i])
+                else:
+                    targets[i] = direct[:, :, i * self.layout.block_size:(i + 1) * self.layout.block_size]
+                    in_place[i] = self._rows(rows_of, i)
             else:
                 need_scratch.append(i)
+        if in_place:
+            plan.cache["in_place"] = in_place
         if need_scratch:
             scratch = torch.empty((len(need_scratch), *self.layout.block_shape), dtype=self.layout.dtype)
             for j, i in enumerate(need_scratch):
                 targets[i] = scratch[j]
             plan.cache["scratch"] = (scratch, {i: j for j, i in enumerate(need_scratch)})
         return targets
+
+    @staticmethod
+    def _row_view(kv: torch.Tensor) -> np.ndarray:
+        """A contiguous token-major [L, planes, T, H, D] tensor as bytes [L, planes, T * H * D * itemsize]."""
+        return kv.view(torch.uint8).numpy().reshape(kv.shape[0], kv.shape[1], -1)
+
+    def _rows(self, a: np.ndarray, i: int) -> list[list[np.ndarray]]:
+        """Block i of `_row_view(kv)` as decode rows: per layer, its planes' contiguous byte ranges."""
+        rb = self.layout.block_bytes // (self.layout.num_layers * self.layout.planes)
+        return [[a[l_, p, i * rb:(i + 1) * rb] for p in range(a.shape[1])] for l_ in range(a.shape[0])]
 
     def target_tensor(self, t: Loc | torch.Tensor) -> torch.Tensor:
         return t if isinstance(t, torch.Tensor) else self.tensor(t)
@@ -208,17 +234,21 @@ class Mover:
         tasks = [(i, f, r) for i, f in items for r in spans]
         errors: dict[int, BaseException] = {}
 
+        in_place = plan.cache.get("in_place", {})
+
         def one(task: tuple[int, Any, range]) -> None:
             i, frame, r = task
-            out = self.target_tensor(targets[i])
+            dst = in_place.get(i)
+            if dst is None:
+                dst = as_bytes(self.target_tensor(targets[i]))
             if layers is not None and frame_segments(frame) == 1:
                 # a small block is one segment: decoded whole the first time any layer of it is asked for
-                self.codec.decode_into(frame, as_bytes(out), key=plan.keys[i])
+                self.codec.decode_into(frame, dst, key=plan.keys[i])
                 if whole is not None:
                     whole.add(i)
                 return
             full = r.start == 0 and r.stop == L
-            self.codec.decode_into(frame, as_bytes(out), None if full else r, key=plan.keys[i])
+            self.codec.decode_into(frame, dst, None if full else r, key=plan.keys[i])
 
         def run(chunk: list[tuple[int, Any, range]]) -> dict[int, BaseException]:
             errs: dict[int, BaseException] = {}
@@ -307,9 +337,12 @@ class Mover:
         if got is not None:
             return got
         scratch = plan.cache.get("scratch", (None, {}))[1]
+        in_place = plan.cache.get("in_place", {})
         lists: dict[str, tuple[list[int], list[int]]] = {}
         loose: list[tuple[int, torch.Tensor]] = []
         for i in range(n):
+            if i in in_place:
+                continue  # decoded straight into the result
             if i in scratch:
                 medium, slot = "scratch", scratch[i]
             else:

@@ -98,13 +98,24 @@ class ReadPath:
         jobs: list[WriteJob] = []
         try:
             self.mover.run_spills(plan.spills, self.core.complete_spill, jobs)
-            targets = self.mover.fetch_targets(plan)
+            direct = None
+            if want_out and self.device.type == "cpu" and plan.slow() and (out is None or out.is_contiguous()):
+                # slow blocks without a host slot to land in are decoded straight into the result (no
+                # scratch buffer, no copy after): allocated for the whole plan, returned cut to what loaded
+                if block_major:
+                    out = torch.empty((len(plan), *self.layout.block_shape), dtype=self.layout.dtype)
+                elif out is None:
+                    out = torch.empty(self.layout.kv_shape(len(plan) * self._B), dtype=self.layout.dtype)
+                direct = out
+            targets = self.mover.fetch_targets(plan, direct, block_major)
             good = (set(range(len(plan))) - set(targets)) | self.mover.fetch(plan, targets, disk_get=get)
             n = next((i for i in range(len(plan)) if i not in good), len(plan))
             if want_out:
                 if block_major:  # [n, L, planes, B, H, D]: what a paged cache takes, one copy less
-                    out = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype, device=self.device)
-                    out6 = out.permute(1, 2, 0, 3, 4, 5)
+                    if direct is None:
+                        out = torch.empty((n, *self.layout.block_shape), dtype=self.layout.dtype,
+                                          device=self.device)
+                    out6 = out[:n].permute(1, 2, 0, 3, 4, 5)
                 else:
                     if out is None:
                         out = torch.empty(self.layout.kv_shape(n * self._B), dtype=self.layout.dtype,

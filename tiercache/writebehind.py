@@ -24,6 +24,7 @@ import torch
 
 from .core.plans import WriteJob
 from .errors import OnceLogger
+from .tiers.frame_files import frame_len, joined
 
 _BATCH = 64
 
@@ -185,9 +186,12 @@ class WriteBehind:
                 self.recorder.dropped_write(d)
         self._done(job, results)
 
-    def _encode(self, job: WriteJob) -> bytes:
+    def _encode(self, job: WriteJob) -> list:
+        """The job's frame as buffers (views of its source where a segment is stored raw): the disk tier
+        writes them with one writev, without joining them first. The source stays valid until the
+        job is reported."""
         raw = self._source(job).reshape(-1).view(torch.uint8).numpy()
-        return self.codec.encode(raw, job.key)
+        return self.codec.encode_parts(raw, job.key)
 
     def _write(self, jobs: list[WriteJob]) -> None:
         with self._del_lock:
@@ -226,11 +230,11 @@ class WriteBehind:
                 results[id(j)]["disk"] = ok
                 if j.key in written:
                     self.recorder.stored("disk", block_bytes, seconds)
-                    self.recorder.disk_written(block_bytes, len(by_job[id(j)]))
+                    self.recorder.disk_written(block_bytes, frame_len(by_job[id(j)]))
         send = [j for j in todo if "remote" in j.dests and "remote" not in results[id(j)]]
         if send:
             t1 = time.perf_counter()
-            took = self.remote.put_many([(j.key, by_job[id(j)]) for j in send])
+            took = self.remote.put_many([(j.key, joined(by_job[id(j)])) for j in send])
             seconds = (time.perf_counter() - t1 + encoded) / len(send)
             for j, ok in zip(send, took):
                 results[id(j)]["remote"] = bool(ok)

@@ -40,11 +40,13 @@ import lmdb
 from ..config import KVLayout
 from ..errors import LayoutMismatch, OnceLogger
 from ..keys import BlockKey
-from . import lmdb_env
+from . import frame_files, lmdb_env
 from .disk_schema import DBS, Schema, charged_bytes
+from .frame_files import FileFrame, FrameFiles, frame_len, joined, parse_pointer, pointer
 from .lmdb_env import DIR_MODE, describe_error
 
-FORMAT = b"tiercache-disk-2"  # 2: frames bound to their key (codec v2), namespace rows counted and charged
+FORMAT = b"tiercache-disk-3"  # 3: large frames in files (frame_files); 2: frames bound to their key (codec v2)
+READABLE = (b"tiercache-disk-2", FORMAT)  # a format-2 store is opened and marked 3 by its first writable open
 MIN_MAP = 1 << 20
 _MAX_TOUCHED = 1 << 16
 
@@ -56,8 +58,13 @@ def _miss(_key: bytes) -> None:
 class DiskTier:
     def __init__(self, path: str, layout: KVLayout, capacity_bytes: int, readonly: bool = False,
                  writemap: bool = False, log: OnceLogger | None = None, recorder: Any = None,
-                 _strict: bool = False, _lock: bool = True) -> None:
+                 _strict: bool = False, _lock: bool = True,
+                 file_min_bytes: int | None = frame_files.FILE_MIN_BYTES) -> None:
         self.path = os.fspath(path)
+        # frames of at least this many bytes are written to files of their own (None: all in LMDB)
+        self.file_min_bytes = file_min_bytes
+        self._files = FrameFiles(self.path)
+        self._stale: list[tuple[BlockKey, int]] = []  # rows whose file is gone: deleted by the next write
         self.layout = layout
         self.capacity_bytes = capacity_bytes
         self.readonly = readonly
@@ -156,6 +163,8 @@ class DiskTier:
             except lmdb.Error:
                 pass
         self.available = True
+        if not self.readonly:
+            self._collect_orphans()
 
     def _off(self, op: str, why: str) -> None:
         """Turn the tier off: one log line naming the cause and the setting, one counted error."""
@@ -191,7 +200,7 @@ class DiskTier:
         with self._shared.env.begin(write=not self.readonly) as txn:
             fmt = txn.get(b"format", db=info)
             have = txn.get(b"layout", db=info)
-            if fmt is not None and fmt != FORMAT:
+            if fmt is not None and fmt not in READABLE:
                 self._release_quietly()
                 raise LayoutMismatch(
                     f"disk_path: {self.path} holds a store of format {fmt.decode(errors='replace')} "
@@ -203,8 +212,9 @@ class DiskTier:
                     f"layout: the store at disk_path={self.path} holds KV of layout {have.decode()}, "
                     f"but this cache was opened with {want.decode()}; use another disk_path for another layout")
             if have is None and not self.readonly:
-                txn.put(b"format", FORMAT, db=info)
                 txn.put(b"layout", want, db=info)
+            if fmt != FORMAT and not self.readonly:
+                txn.put(b"format", FORMAT, db=info)  # from now on it may hold frame files
 
     def compression_for(self, configured: str) -> str:
         """The compression frames for this store are written with: `configured`, or under "auto" the choice
@@ -352,8 +362,11 @@ class DiskTier:
         return [False] * len(keys)
 
     @contextmanager
-    def reader(self) -> Iterator[Callable[[BlockKey], memoryview | None]]:
-        """A read snapshot: `get(key)` returns the frame as a memoryview valid until the block exits.
+    def reader(self) -> Iterator[Callable[[BlockKey], memoryview | FileFrame | None]]:
+        """A read snapshot: `get(key)` returns the frame, valid until the block exits: a memoryview of
+        the map, or for a frame kept in a file, that file (a `codec.FrameSource`: decoded with
+        positional reads, see frame_files). Files of blocks evicted by this process while the snapshot
+        is open are unlinked only after it closes.
 
         `get` never raises for a storage fault: it returns None (counted, logged once).
         """
@@ -363,17 +376,43 @@ class DiskTier:
                 return
             limit = self._max_frame
 
-            def get(key: BlockKey) -> memoryview | None:
+            def get(key: BlockKey) -> memoryview | FileFrame | None:
                 try:
                     v = txn.get(key)
                 except lmdb.Error as e:
                     self._fault("load", e)
                     return None
-                if v is not None and len(v) > limit:  # no frame of this layout is that long
+                if v is None:
+                    return None
+                ptr = parse_pointer(v) if len(v) == frame_files.PTR.size else None
+                if ptr is not None:
+                    return self._open_file(key, ptr)
+                if len(v) > limit:  # no frame of this layout is that long
                     self._count("load")
                     return None
                 return v
-            yield get
+            self._files.reader_started()
+            try:
+                yield get
+            finally:
+                self._files.reader_done()
+
+    def _open_file(self, key: BlockKey, ptr: tuple[int, int]) -> FileFrame | None:
+        flen, fid = ptr
+        if flen > self._max_frame:
+            self._count("load")
+            return None
+        try:
+            f = self._files.open(key, flen, fid)
+        except OSError as e:
+            self._fault("load", e)
+            return None
+        if f is None:  # evicted by another process since this snapshot, or removed by hand: a miss
+            with self._touch_lock:
+                if len(self._stale) < _MAX_TOUCHED:
+                    self._stale.append((BlockKey(bytes(key)), fid))
+            return None
+        return f
 
     def keys(self) -> Iterator[BlockKey]:
         """Every stored block key, read in chunks (no transaction is held between chunks)."""
@@ -435,46 +474,97 @@ class DiskTier:
         return used, blocks
 
     # -- writes (called from the writer thread) --------------------------------------------
-    def write_batch(self, items: list[tuple[BlockKey, bytes, bytes, dict]],
+    def write_batch(self, items: list[tuple[BlockKey, Any, bytes, dict]],
                     deletes: Iterable[BlockKey] = ()) -> tuple[list[BlockKey], list[BlockKey], list[BlockKey]]:
         """Put frames, evicting least recently used blocks to stay within the budget.
 
-        items: (key, frame, ns_id, ns_description). Returns (written, evicted, dropped): dropped are
-        keys not written because of a fault or a read-only/off tier (counted as dropped writes here).
-        Never raises for a storage fault: a full map or filesystem evicts more and retries.
+        items: (key, frame, ns_id, ns_description); a frame is bytes or a list of buffers
+        (`BlockCodec.encode_parts`). Frames of at least `file_min_bytes` are written to files first
+        (frame_files), then every row is committed in one transaction. Returns (written, evicted,
+        dropped): dropped are keys not written because of a fault or a read-only/off tier (counted as
+        dropped writes here). Never raises for a storage fault: a full map or filesystem evicts more
+        and retries.
         """
         deletes = list(deletes)
         with self._touch_lock:
             touched, self._touched = self._touched, {}
+            stale, self._stale = self._stale, []
         shared = self._state()
         result: tuple[list[BlockKey], list[BlockKey]] | None = None
+        rows: list = []
+        files: dict[bytes, int] = {}
+        made_room: list[BlockKey] = []
         if shared is not None and not self.readonly:
             with shared.wlock:
-                result = self._write_with_retries(shared, items, deletes, touched)
+                rows, files, made_room = self._write_files(shared, items)
+                result = self._write_with_retries(shared, rows, deletes, touched, stale)
         if result is None:
+            self._files.unlink_now([self._files.path(k, fid) for k, fid in files.items()])
             dropped = [k for k, *_ in items]
             if dropped and self.recorder is not None:
                 self.recorder.dropped_write("disk", len(dropped))
-            return [], [], dropped
+            return [], made_room, dropped
         written, evicted = result
+        evicted = made_room + evicted
         kept = set(written)
-        dropped = [k for k, frame, *_ in items if k not in kept and charged_bytes(len(frame)) > self._budget]
+        # files of rows not committed (already stored by another writer, or over the budget) are nobody's
+        self._files.unlink_now([self._files.path(k, fid) for k, fid in files.items() if k not in kept])
+        by_key = {r[0]: r for r in rows}
+        dropped = [k for k, *_ in items if k not in kept and (k not in by_key or
+                                                            charged_bytes(by_key[k][4]) > self._budget)]
         if dropped and self.recorder is not None:
             self.recorder.dropped_write("disk", len(dropped))
         return written, evicted, dropped
 
+    def _write_files(self, shared: lmdb_env.SharedEnv, items: list) -> tuple[list, dict[bytes, int], list]:
+        """Write the large frames of `items` to their files: (rows for the transaction, key -> file id,
+        blocks evicted to make room on a full filesystem).
+
+        A full filesystem evicts (and unlinks) least recently used blocks and tries again; a frame that
+        still does not fit, or any other write error, leaves that block out (dropped, nothing left behind).
+        """
+        rows, files, gone = [], {}, []
+        fmin = self.file_min_bytes
+        for k, frame, ns_id, ns_desc in items:
+            flen = frame_len(frame)
+            if fmin is None or flen < fmin:
+                rows.append((k, joined(frame), ns_id, ns_desc, flen))
+                continue
+            if charged_bytes(flen) > self._budget:
+                continue  # never fits: dropped, counted by the caller
+            for attempt in range(3):
+                try:
+                    fid = self._files.write(k, frame)
+                except OSError as e:
+                    self._fault("store", e)  # counted, logged once; read-only media turn the tier read-only
+                    if describe_error(e)[0] == "full" and attempt < 2:
+                        try:
+                            gone += self._shrink(shared.env, [flen])
+                        except lmdb.Error as e2:
+                            self._fault("store", e2)
+                            break
+                        continue
+                    break
+                files[bytes(k)] = fid
+                rows.append((k, pointer(flen, fid), ns_id, ns_desc, flen))
+                break
+        return rows, files, gone
+
     def _write_with_retries(self, shared: lmdb_env.SharedEnv, items: list, deletes: list,
-                            touched: dict) -> tuple[list[BlockKey], list[BlockKey]] | None:
+                            touched: dict, stale: list | None = None) -> tuple[list[BlockKey], list[BlockKey]] | None:
         evicted: list[BlockKey] = []
         self._batches += 1
         if self._batches % 256 == 0:
             self._reader_check(shared)
             self._budget = min(self._budget + self.capacity_bytes // 100, self._initial_budget)
         for attempt in range(4):
+            self._schema.unlinked = []
             try:
-                with shared.env.begin(write=True) as txn:
-                    written, gone = self._schema.write(txn, items, deletes, touched, self._budget)
-                return written, evicted + gone
+                with shared.env.begin(write=True, buffers=True) as txn:
+                    gone_stale = self._stale_rows(txn, stale or [])
+                    written, gone = self._schema.write(txn, items, deletes + gone_stale, touched, self._budget)
+                self._files.unlink([self._files.path(k, fid) for k, fid in self._schema.unlinked])
+                return written, evicted + gone + gone_stale
             except lmdb.MapResizedError:
                 try:
                     with shared.rw.exclusive():
@@ -485,7 +575,7 @@ class DiskTier:
                 continue
             except (lmdb.Error, OSError) as e:
                 kind, text = describe_error(e)
-                if kind == "io" and lmdb_env.fs_free(self.path) < 2 * sum(len(f) for _, f, *_ in items) + (1 << 20):
+                if kind == "io" and lmdb_env.fs_free(self.path) < 2 * sum(len(r[1]) for r in items) + (1 << 20):
                     # LMDB reports a write cut short by a full filesystem as EIO: name the real cause
                     kind, e = "full", OSError(errno.ENOSPC, f"no space left on device ({text})")
                 if kind != "full":
@@ -498,7 +588,7 @@ class DiskTier:
                     self._count("store_map_full")
                 self._reader_check(shared)
                 try:
-                    evicted += self._shrink(shared.env, items)
+                    evicted += self._shrink(shared.env, [r[4] for r in items])
                 except lmdb.MapFullError:
                     # old snapshots (readers of any process) pin every free page, so not even a delete
                     # fits: give the readers a moment to move on, then try again
@@ -509,19 +599,34 @@ class DiskTier:
         self._count("store_dropped")
         return None
 
-    def _shrink(self, env: lmdb.Environment, items: list) -> list[BlockKey]:
+    def _stale_rows(self, txn: lmdb.Transaction, stale: list) -> list[BlockKey]:
+        """Rows found pointing at a file that is gone, still pointing at that same file: to delete."""
+        out = []
+        blocks = self._dbs[b"blocks"]
+        for k, fid in stale:
+            v = txn.get(k, db=blocks)
+            ptr = parse_pointer(v) if v is not None else None
+            if ptr is not None and ptr[1] == fid:
+                out.append(k)
+        return out
+
+    def _shrink(self, env: lmdb.Environment, lengths: list[int]) -> list[BlockKey]:
         """After a full map or filesystem: lower the budget, evict down to it, let LMDB reclaim the pages.
 
         Deleting needs free pages too (copy-on-write), so a store with none left is evicted in
-        small transactions first. The budget creeps back up while writes succeed.
+        small transactions first. The budget creeps back up while writes succeed. The files of
+        evicted blocks are unlinked at once (the space is needed now; a reader of this process
+        that finds one gone counts a miss).
         """
-        need = sum(charged_bytes(len(f)) for _, f, *_ in items)
+        need = sum(charged_bytes(n) for n in lengths)
         gone: list[BlockKey] = []
         chunk = 256
         lowered = False
+        files_first = False
         while True:
+            self._schema.unlinked = []
             try:
-                with env.begin(write=True) as txn:
+                with env.begin(write=True, buffers=True) as txn:
                     used = self._schema.counters(txn)[0]
                     if not lowered:
                         self._budget = min(self._budget, used * 9 // 10)
@@ -532,6 +637,14 @@ class DiskTier:
                     raise
                 chunk = max(1, chunk // 8)
                 continue
+            except lmdb.Error as e:
+                # the filesystem is too full for LMDB to commit even a delete: unlink the oldest blocks'
+                # files first (their rows then point at nothing: misses), and commit the deletes after
+                if files_first or describe_error(e)[0] != "full" or not self._unlink_oldest_files(env, need):
+                    raise
+                files_first = True
+                continue
+            self._files.unlink_now([self._files.path(k, fid) for k, fid in self._schema.unlinked])
             gone += now
             if len(now) < chunk or not now:
                 break
@@ -539,6 +652,28 @@ class DiskTier:
             with env.begin(write=True) as txn:
                 txn.put(b"tick", b"", db=self._dbs[b"info"])
         return gone
+
+    def _unlink_oldest_files(self, env: lmdb.Environment, need: int) -> bool:
+        """Unlink the frame files of the least recently used blocks worth `need` bytes (at least one
+        block) without touching their rows; whether any file was unlinked."""
+        paths = []
+        freed = 0
+        blocks, meta = self._dbs[b"blocks"], self._dbs[b"meta"]
+        with env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self._dbs[b"atime"])
+            for idx in (cur.iternext(keys=True, values=False) if cur.first() else ()):
+                k = bytes(idx[8:])
+                v = txn.get(k, db=blocks)
+                ptr = parse_pointer(v) if v is not None else None
+                if ptr is None:
+                    continue
+                paths.append(self._files.path(k, ptr[1]))
+                m = txn.get(k, db=meta)
+                freed += struct.unpack_from("<QQ", m)[1] if m is not None else 0
+                if freed >= need:
+                    break
+        self._files.unlink_now(paths)
+        return bool(paths)
 
     def _reader_check(self, shared: lmdb_env.SharedEnv) -> None:
         if self._lock_file:
@@ -553,12 +688,43 @@ class DiskTier:
         if shared is None or self.readonly:
             return []
         try:
-            with shared.wlock, shared.env.begin(write=True) as txn:
-                gone = self._schema.evict_in(txn, nbytes)
+            with shared.wlock:
+                self._schema.unlinked = []
+                with shared.env.begin(write=True, buffers=True) as txn:
+                    gone = self._schema.evict_in(txn, nbytes)
+                self._files.unlink([self._files.path(k, fid) for k, fid in self._schema.unlinked])
         except lmdb.Error as e:
             self._fault("evict", e)
             return []
         return gone
+
+    def _collect_orphans(self) -> None:
+        """Unlink frame files no row points to (left by a crash between a file and its commit, or between
+        a commit and its unlinks), once they are old enough not to be another writer's in flight."""
+        if not os.path.isdir(self._files.root):
+            return
+        try:
+            with self._read_txn(b"blocks", "open") as txn:
+                if txn is None:
+                    return
+                referenced = set()
+                for k, v in txn.cursor():
+                    ptr = parse_pointer(v) if len(v) == frame_files.PTR.size else None
+                    if ptr is not None:
+                        referenced.add(frame_files.file_name(k, ptr[1]))
+            self._files.unlink_now(self._files.orphans(referenced))
+        except (lmdb.Error, OSError) as e:
+            self.log.warning("disk-orphans", "tiercache: disk tier: cleaning frame files at disk_path=%s "
+                             "failed (%s); left for the next open", self.path, e)
+
+    def allocated_bytes(self) -> int:
+        """Bytes the store takes on its filesystem: data.mdb and the frame files (allocated, not lengths)."""
+        total = self._files.allocated_bytes()
+        try:
+            total += os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
+        except OSError:
+            pass
+        return total
 
     # -- inspection (may raise lmdb errors: `tiercache inspect` words them) --------------------
     @property
@@ -623,7 +789,7 @@ def open_existing(path: str, readonly: bool = True) -> DiskTier:
         env.close()
     if raw is None:
         raise ValueError(f"path: {path} holds no layout record; not a tiercache store")
-    if fmt != FORMAT:
+    if fmt not in READABLE:
         raise ValueError(f"path: {path} holds a store of format {(fmt or b'?').decode(errors='replace')}, "
                          f"this tiercache reads {FORMAT.decode()}")
     layout = KVLayout(**json.loads(raw))

@@ -1,7 +1,7 @@
 """What a disk store holds and how one write transaction changes it (no opening, locking or faults here).
 
 Sub-databases:
-    blocks  key(16)            -> codec frame
+    blocks  key(16)            -> codec frame, or a 20-byte pointer to the frame's file (frame_files)
     meta    key(16)            -> seq u64 | charged u64 | raw u32 | frame u32 | ns 8s | created f64 | atime f64
     atime   seq(8, BE) key(16) -> b""            (access index: oldest first, for LRU eviction)
     ns      ns id(8)           -> JSON describing the namespace (never the salt itself)
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import lmdb
 
 from ..keys import KEY_BYTES, BlockKey
+from .frame_files import parse_pointer
 
 DBS = (b"blocks", b"meta", b"atime", b"ns", b"nsref", b"info")
 _META = struct.Struct("<QQII8sdd")
@@ -47,6 +48,9 @@ class Schema:
     def __init__(self, dbs: dict, block_bytes: int) -> None:
         self.dbs = dbs
         self.block_bytes = block_bytes
+        # (key, file id) of frame files whose rows the current transaction deleted: the caller
+        # unlinks them once the transaction has committed (and forgets them if it aborts)
+        self.unlinked: list[tuple[bytes, int]] = []
 
     # -- counters ------------------------------------------------------------------------
     def counters(self, txn: lmdb.Transaction) -> tuple[int, int, int]:
@@ -66,7 +70,10 @@ class Schema:
     # -- one write transaction --------------------------------------------------------------
     def write(self, txn: lmdb.Transaction, items: list, deletes: list, touched: dict,
               budget: int) -> tuple[list[BlockKey], list[BlockKey]]:
-        """Deletes, access times, then new frames (evicting the least recently used to stay in `budget`)."""
+        """Deletes, access times, then new frames (evicting the least recently used to stay in `budget`).
+
+        items: (key, value, ns_id, ns_desc, frame_len): the value is the frame, or a pointer to its file;
+        either way the block is charged for `frame_len` bytes."""
         written: list[BlockKey] = []
         evicted: list[BlockKey] = []
         meta_db, atime_db, blocks_db = self.dbs[b"meta"], self.dbs[b"atime"], self.dbs[b"blocks"]
@@ -86,10 +93,10 @@ class Schema:
             seq += 1
             txn.put(_SEQ.pack(seq) + k, b"", db=atime_db)
             txn.put(k, _META.pack(seq, charged, raw_len, flen, ns, created, ts), db=meta_db)
-        for k, frame, ns_id, ns_desc in items:
+        for k, frame, ns_id, ns_desc, flen in items:
             if txn.get(k, db=meta_db) is not None:
                 continue  # already stored (by us or another process): keep the first copy
-            charged = charged_bytes(len(frame))
+            charged = charged_bytes(flen)
             if charged > budget:
                 continue
             ns_cost = self.ns_add(txn, ns_id, ns_desc)
@@ -100,7 +107,7 @@ class Schema:
                 evicted += gone
             seq += 1
             txn.put(k, frame, db=blocks_db)
-            txn.put(k, _META.pack(seq, charged, self.block_bytes, len(frame), ns_id, now, now), db=meta_db)
+            txn.put(k, _META.pack(seq, charged, self.block_bytes, flen, ns_id, now, now), db=meta_db)
             txn.put(_SEQ.pack(seq) + k, b"", db=atime_db)
             used += charged + ns_cost
             blocks += 1
@@ -142,6 +149,7 @@ class Schema:
     def delete(self, txn: lmdb.Transaction, k: bytes) -> int:
         """Delete one block; returns the bytes it was charged (0 if it was not there)."""
         meta = txn.get(k, db=self.dbs[b"meta"])
+        self._note_file(txn, k)
         if meta is None:
             txn.delete(k, db=self.dbs[b"blocks"])  # a frame without meta should not exist; be thorough
             return 0
@@ -150,6 +158,14 @@ class Schema:
         txn.delete(k, db=self.dbs[b"meta"])
         txn.delete(_SEQ.pack(seq) + k, db=self.dbs[b"atime"])
         return charged + self.ns_drop(txn, ns)
+
+    def _note_file(self, txn: lmdb.Transaction, k: bytes) -> None:
+        """Remember the file of a row about to be deleted (write transactions use buffers=True, so
+        looking at an inline frame here copies nothing)."""
+        v = txn.get(k, db=self.dbs[b"blocks"])
+        ptr = parse_pointer(v) if v is not None else None
+        if ptr is not None:
+            self.unlinked.append((bytes(k), ptr[1]))
 
     def evict(self, txn: lmdb.Transaction, need: int, max_victims: int = 1 << 62) -> tuple[int, list[BlockKey]]:
         """Delete least recently used blocks until `need` bytes are freed (or `max_victims` are gone)."""
@@ -176,3 +192,4 @@ class Schema:
             seq, charged, raw_len, flen, ns, created, atime = _META.unpack(v)
             yield BlockKey(bytes(k[:KEY_BYTES])), {"seq": seq, "charged": charged, "raw_len": raw_len,
                                                   "frame_len": flen, "ns": ns, "created": created, "atime": atime}
+

@@ -1,0 +1,260 @@
+"""Large frames as files next to the LMDB index: written with one writev, read with positional reads.
+
+A frame of at least `file_min_bytes` (default 256 KiB: a 16-token block of an 8-layer model is
+already above it) is not put into LMDB. It goes to its own file, and LMDB's `blocks` row for the
+key holds a 20-byte pointer (magic, frame length, file id) instead of the frame. Why: LMDB copies a
+value into its own pages and then writes them, and a read faults the value in page by page through
+the map. A file is written from the source buffers in one `writev` (no copy in between) and read
+with `pread` straight into the block's destination, so the disk tier moves bytes at the rate of a
+raw file. Everything else (which blocks exist, budget, eviction, namespaces, atomic commits across
+processes) stays in LMDB.
+
+    <disk_path>/frames/<first two hex digits of the key>/<key hex>.<file id hex>
+
+The file id is random and new for every write, so a name is never reused: a block evicted and
+stored again gets a new file, and deleting the old one cannot hit the new one.
+
+Order of operations, and what a crash at any point leaves:
+- write: the file is written and closed, then the pointer is committed. A crash in between leaves
+  a file no row points to (an orphan): removed by the next writable open once it is older than
+  `ORPHAN_AGE_S` (younger ones may belong to another process's commit in flight).
+- delete/evict: the row is deleted and committed, then the file is unlinked. A crash in between
+  leaves an orphan, as above. In this process, unlinks wait while any read snapshot of this
+  process is open (so a load that planned a block finds its file); a reader in another process
+  that finds the file gone treats the block as a miss.
+- read: the file is opened while the snapshot is open; from then on the open descriptor keeps
+  the bytes even if the file is unlinked. A missing file, a file of the wrong length, or bytes
+  that fail the frame's checksums are misses, never served.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import CorruptFrame
+from .lmdb_env import DIR_MODE, FILE_MODE
+
+FILE_MIN_BYTES = 256 << 10
+PTR = struct.Struct("<4sQQ")  # magic, frame length, file id
+PTR_MAGIC = b"TCFF"
+ORPHAN_AGE_S = 600.0
+MAX_DEFERRED = 4096  # unlinks held back for this process's readers; past this they go anyway (a miss at worst)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def pointer(frame_len: int, fid: int) -> bytes:
+    return PTR.pack(PTR_MAGIC, frame_len, fid)
+
+
+def parse_pointer(value: Any) -> tuple[int, int] | None:
+    """(frame length, file id) if an LMDB value is a pointer to a frame file, else None (an inline frame)."""
+    if len(value) != PTR.size or bytes(value[:4]) != PTR_MAGIC:
+        return None
+    _, flen, fid = PTR.unpack(bytes(value))
+    return flen, fid
+
+
+def frame_len(frame: Any) -> int:
+    """Bytes of a frame given as one buffer or as a list of buffers (`BlockCodec.encode_parts`)."""
+    if isinstance(frame, list):
+        return sum(memoryview(p).nbytes for p in frame)
+    return memoryview(frame).nbytes
+
+
+def joined(frame: Any) -> Any:
+    return b"".join(frame) if isinstance(frame, list) else frame
+
+
+class FileFrame:
+    """One frame file (a `codec.FrameSource`): positional reads, from any thread.
+
+    No descriptor is held between calls: each read opens the file, reads and closes it, so a load of
+    thousands of blocks never holds thousands of descriptors, and concurrent readers of one frame
+    (one thread per layer span) never share one. A file gone or cut short is an error (a miss)."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._head: memoryview | None = None
+
+    def head(self, n: int) -> memoryview:
+        n = min(n, self.size)
+        got = self._head
+        if got is None or len(got) < n:
+            buf = memoryview(bytearray(n))
+            self.readinto(buf, 0)
+            self._head = got = buf
+        return got[:n]
+
+    def readinto(self, bufs: Any, offset: int) -> None:
+        """Fill `bufs` (one buffer, or a list filled in order) from `offset`: one preadv per call."""
+        views = [memoryview(b).cast("B") for b in (bufs if isinstance(bufs, list) else [bufs])]
+        views = [v for v in views if len(v)]
+        total = sum(len(v) for v in views)
+        if offset + total > self.size:
+            raise CorruptFrame(f"frame file {self.path}: read past its recorded length")
+        fd = os.open(self.path, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            while views:
+                got = os.preadv(fd, views[:1024], offset)  # IOV_MAX
+                if got <= 0:
+                    raise CorruptFrame(f"frame file {self.path} is shorter than its recorded length")
+                offset += got
+                while got and views:
+                    if got >= len(views[0]):
+                        got -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][got:]
+                        got = 0
+        finally:
+            os.close(fd)
+
+    def read_all(self) -> memoryview:
+        out = memoryview(np.empty(self.size, dtype=np.uint8))
+        self.readinto(out, 0)
+        return out
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class FrameFiles:
+    """The frames/ directory of one store: write, open, unlink (deferred for this process's readers)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.join(root, "frames")
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._deferred: list[str] = []
+        self._made: set[str] = set()
+
+    def path(self, key: bytes, fid: int) -> str:
+        h = bytes(key).hex()
+        return os.path.join(self.root, h[:2], f"{h}.{fid:016x}")
+
+    # -- writes ------------------------------------------------------------------------------
+    def write(self, key: bytes, frame: Any) -> int:
+        """Write one frame to a new file; returns its file id. Raises OSError (nothing left behind)."""
+        fid = int.from_bytes(os.urandom(8), "little") or 1
+        path = self.path(key, fid)
+        d = os.path.dirname(path)
+        if d not in self._made:
+            for p in (self.root, d):  # both private (makedirs would give the parent the default mode)
+                try:
+                    os.mkdir(p, DIR_MODE)
+                except FileExistsError:
+                    pass
+            self._made.add(d)
+        parts = [memoryview(p).cast("B") for p in (frame if isinstance(frame, list) else [frame])]
+        parts = [p for p in parts if len(p)]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, FILE_MODE)
+        try:
+            while parts:
+                n = os.writev(fd, parts[:1024])  # IOV_MAX
+                if n <= 0:
+                    raise OSError(errno.EIO, f"writev wrote nothing to {path}")
+                while n and parts:  # drop what was written; keep the rest of a part cut short
+                    if n >= len(parts[0]):
+                        n -= len(parts[0])
+                        parts.pop(0)
+                    else:
+                        parts[0] = parts[0][n:]
+                        n = 0
+        except BaseException:
+            os.close(fd)
+            self._remove(path)
+            raise
+        os.close(fd)
+        return fid
+
+    def unlink_now(self, paths: list[str]) -> None:
+        for p in paths:
+            self._remove(p)
+
+    def unlink(self, paths: list[str]) -> None:
+        """Unlink files whose rows are committed gone: now, or when this process's readers are done."""
+        if not paths:
+            return
+        with self._lock:
+            if self._readers and len(self._deferred) < MAX_DEFERRED:
+                self._deferred += paths
+                return
+        self.unlink_now(paths)
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # a read-only medium: the orphan is collected by a later writable open
+
+    # -- reads -------------------------------------------------------------------------------
+    def reader_started(self) -> None:
+        with self._lock:
+            self._readers += 1
+
+    def reader_done(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            go, self._deferred = (self._deferred, []) if not self._readers else ([], self._deferred)
+        self.unlink_now(go)
+
+    def open(self, key: bytes, flen: int, fid: int) -> FileFrame | None:
+        """The frame file of a row; None if it is gone."""
+        path = self.path(key, fid)
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return None
+        return FileFrame(path, flen)
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def orphans(self, referenced: set[str], min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+        """Files no row points to, older than `min_age_s` (younger ones may be another writer's in flight)."""
+        now = time.time()
+        out = []
+        try:
+            subdirs = os.listdir(self.root)
+        except OSError:
+            return out
+        for sub in subdirs:
+            d = os.path.join(self.root, sub)
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name in referenced:
+                    continue
+                p = os.path.join(d, name)
+                try:
+                    if now - os.stat(p).st_mtime >= min_age_s:
+                        out.append(p)
+                except OSError:
+                    continue
+        return out
+
+    def allocated_bytes(self) -> int:
+        """Bytes the frame files take on the filesystem (allocated blocks, not lengths)."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+                except OSError:
+                    pass
+        return total
+
+
+def file_name(key: bytes, fid: int) -> str:
+    return f"{bytes(key).hex()}.{fid:016x}"
