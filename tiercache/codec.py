@@ -62,6 +62,7 @@ _ENTRY = struct.Struct("<IQ")
 # Below this many bytes per layer a block is one segment: each segment costs ~10 us of fixed
 # decode overhead (measured: 64 KiB blocks of 8 KiB layers decoded at 0.78 GB/s).
 MIN_SEGMENT_BYTES = 64 << 10
+_READ_BUFFER_MAX = 64 << 20  # per decode thread, kept for the next read
 _FAST_PLANE_PARAMS = zstandard.ZstdCompressionParameters(
     window_log=19, hash_log=8, chain_log=8, search_log=1, min_match=7, target_length=0,
     strategy=zstandard.STRATEGY_FAST)
@@ -112,6 +113,16 @@ class BlockCodec:
                 c = zstandard.ZstdCompressor(level=self.level)
             self._local.c = c
         return c
+
+    def _read_buffer(self, n: int) -> memoryview:
+        """A buffer of n bytes for compressed segments read from a file, reused by this thread (a fresh
+        one per read would fault in every page again); bigger reads than _READ_BUFFER_MAX get their own."""
+        if n > _READ_BUFFER_MAX:
+            return memoryview(np.empty(n, dtype=np.uint8))
+        buf = getattr(self._local, "rbuf", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.rbuf = np.empty(max(n, 1 << 20), dtype=np.uint8)
+        return memoryview(buf)[:n]
 
     def _dctx(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "d", None)
@@ -204,22 +215,25 @@ class BlockCodec:
             raise CorruptFrame("segment table does not add up to the payload length")
         return codec, seed, entries
 
-    def _decode_segment(self, codec: int, seg: memoryview, out: np.ndarray) -> None:
-        n = len(out)
+    def _decode_segment(self, codec: int, seg: memoryview, out: np.ndarray | list[np.ndarray]) -> None:
+        """Decode one segment into `out`: one uint8 array, or the contiguous arrays it fills in order."""
+        pieces = out if isinstance(out, list) else [out]
+        n = sum(len(p) for p in pieces)
         try:
             if codec == CODEC_NONE:
                 if len(seg) != n:
                     raise CorruptFrame("raw segment length mismatch")
-                out[:] = np.frombuffer(seg, dtype=np.uint8)
+                _scatter(np.frombuffer(seg, dtype=np.uint8), pieces)
                 return
             if codec == CODEC_ZSTD:
                 data = self._decompress(seg, n)
                 if len(data) != n:
                     raise CorruptFrame("zstd segment length mismatch")
-                out[:] = np.frombuffer(data, dtype=np.uint8)
+                _scatter(np.frombuffer(data, dtype=np.uint8), pieces)
                 return
-            words = out.view(self._word)
-            per_plane = len(words)
+            if n % self.itemsize or any(len(p) % self.itemsize for p in pieces):
+                raise CorruptFrame("segment does not split into whole elements")
+            per_plane = n // self.itemsize
             planes = []
             pos = 0
             for _ in range(self.itemsize):
@@ -238,16 +252,21 @@ class BlockCodec:
                 if len(body) != per_plane:
                     raise CorruptFrame("plane length mismatch")
                 planes.append(np.frombuffer(body, dtype=np.uint8))
-            # reassemble from the top plane down, in place: words = top << 8k | ... | plane0
-            top = self.itemsize - 1
-            np.left_shift(planes[top], 8 * top, out=words, dtype=self._word)
-            for p in range(top - 1, -1, -1):
-                if p:
-                    words |= np.left_shift(planes[p], 8 * p, dtype=self._word)
-                else:
-                    np.bitwise_or(words, planes[0], out=words)
             if pos != len(seg):
                 raise CorruptFrame("trailing bytes in segment")
+            # reassemble each piece from the top plane down, in place: words = top << 8k | ... | plane0
+            top = self.itemsize - 1
+            first = 0
+            for piece in pieces:
+                words = piece.view(self._word)
+                span = slice(first, first + len(words))
+                first += len(words)
+                np.left_shift(planes[top][span], 8 * top, out=words, dtype=self._word)
+                for p in range(top - 1, -1, -1):
+                    if p:
+                        words |= np.left_shift(planes[p][span], 8 * p, dtype=self._word)
+                    else:
+                        np.bitwise_or(words, planes[0][span], out=words)
         except zstandard.ZstdError as e:
             raise CorruptFrame(f"zstd: {e}") from None
         except MemoryError:  # belt and braces: declared sizes are checked before decompressing
@@ -306,29 +325,14 @@ class BlockCodec:
                 src.readinto([p for i in wanted for p in rows[i]], start)
                 body = None
             else:
-                body, base = memoryview(np.empty(stop - start, dtype=np.uint8)), start
+                body, base = self._read_buffer(stop - start), start
                 src.readinto(body, start)
         for i in wanted:
             n, seg_sum = entries[i]
             pieces = rows[i]
             if body is not None:
                 seg = body[offsets[i] - base:offsets[i] - base + n]
-                if len(pieces) == 1:
-                    self._decode_segment(codec, seg, pieces[0])
-                elif codec == CODEC_NONE:
-                    if n != sum(len(p) for p in pieces):
-                        raise CorruptFrame("raw segment length mismatch")
-                    pos = 0
-                    for p in pieces:
-                        p[:] = np.frombuffer(seg[pos:pos + len(p)], dtype=np.uint8)
-                        pos += len(p)
-                else:
-                    whole = np.empty(sum(len(p) for p in pieces), dtype=np.uint8)
-                    self._decode_segment(codec, seg, whole)
-                    pos = 0
-                    for p in pieces:
-                        p[:] = whole[pos:pos + len(p)]
-                        pos += len(p)
+                self._decode_segment(codec, seg, pieces[0] if len(pieces) == 1 else pieces)
             if len(pieces) == 1:
                 got = xxhash.xxh3_64_intdigest(pieces[0], seed=(seed + i) & _SEED_MASK)
             else:
@@ -413,6 +417,14 @@ def _key_seed(key: bytes) -> int:
     if len(key) != KEY_LEN:
         raise ValueError(f"key: expected a {KEY_LEN}-byte block key, got {len(key)} bytes")
     return int.from_bytes(key[:8], "little")
+
+
+def _scatter(src: np.ndarray, pieces: list[np.ndarray]) -> None:
+    """Copy src, in order, into the pieces."""
+    pos = 0
+    for p in pieces:
+        p[:] = src[pos:pos + len(p)]
+        pos += len(p)
 
 
 def _rows(out: np.ndarray | list, num_segments: int) -> list[list[np.ndarray]]:

@@ -719,12 +719,7 @@ class DiskTier:
 
     def allocated_bytes(self) -> int:
         """Bytes the store takes on its filesystem: data.mdb and the frame files (allocated, not lengths)."""
-        total = self._files.allocated_bytes()
-        try:
-            total += os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
-        except OSError:
-            pass
-        return total
+        return frame_files.allocated_bytes(self.path)
 
     # -- inspection (may raise lmdb errors: `tiercache inspect` words them) --------------------
     @property

@@ -244,17 +244,26 @@ class FrameFiles:
                     continue
         return out
 
-    def allocated_bytes(self) -> int:
-        """Bytes the frame files take on the filesystem (allocated blocks, not lengths)."""
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
-                except OSError:
-                    pass
-        return total
-
 
 def file_name(key: bytes, fid: int) -> str:
     return f"{bytes(key).hex()}.{fid:016x}"
+
+
+def store_files(path: str) -> list[str]:
+    """Every file of the disk store at `path` that holds data: data.mdb and the frame files (for page
+    cache drops and footprints; lock.mdb holds none)."""
+    out = [os.path.join(path, "data.mdb")]
+    for dirpath, _dirs, files in os.walk(os.path.join(path, "frames")):
+        out += [os.path.join(dirpath, f) for f in files]
+    return out
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes the disk store at `path` takes on its filesystem (allocated blocks, not lengths)."""
+    total = 0
+    for p in store_files(path):
+        try:
+            total += os.stat(p).st_blocks * 512
+        except OSError:
+            pass
+    return total

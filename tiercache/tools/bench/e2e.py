@@ -15,7 +15,7 @@ of the prefix only, never a question's), then copied into a second, disk-only ca
   load brings (one `copy_` between preallocated buffers);
 - warm from each tier, with `TierCachedLM.generate` (`store=False`) in both loading modes
   (layer-wise, the default when the cache offers it, and whole prefix): host (a host-only
-  cache), disk with the page cache dropped (the disk-only cache is closed, data.mdb is evicted,
+  cache), disk with the page cache dropped (the disk-only cache is closed, its files are evicted,
   the cache is reopened outside the clock), and disk warm (the same request again right after).
 
 TTFT is the integration's own: call start to the first logits (lookup and load included); the
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tiercache.config import CacheConfig
+from tiercache.tiers.frame_files import store_files
 from tiercache.tools.bench.protocol import BenchConfig, drop_from_page_cache, resident_fraction, summary
 
 VLLM_ROW = ("not measured in this section (transformers): vLLM runs in its own venv; `tiercache bench --vllm PYTHON` "
@@ -148,17 +149,17 @@ class _Run:
         return out, clock.seconds
 
     def reopen_cold(self) -> Any:
-        """Close the disk-only cache, evict data.mdb from the page cache, reopen (all outside any clock)."""
+        """Close the disk-only cache, evict its files from the page cache, reopen (all outside any clock)."""
         from tiercache.manager import TierCache
 
         if self.disk is not None:
             self.disk.close()
-        data = os.path.join(self.path, "data.mdb")
-        drop_from_page_cache([data], self.cfg.drop_caches)
+        files = store_files(self.path)
+        drop_from_page_cache(files, self.cfg.drop_caches)
         self.disk = TierCache(self.disk_cfg)
-        frac = resident_fraction(data)
-        if self.measuring and frac is not None:
-            self.resident.append(frac)
+        fracs = [resident_fraction(p) for p in files]
+        if self.measuring and None not in fracs:
+            self.resident.append(max(fracs))
         return self.disk
 
     def request(self, r: Any) -> None:

@@ -81,7 +81,7 @@ def _value(goal: Goal, result: dict) -> tuple[float, str] | None:
     if name.startswith("disk load"):
         return _disk_vs_lmcache(result, "cold" if "cold" in name else "warm")
     if name.startswith("disk footprint"):
-        return rows["footprint realistic bf16"]["ratio"], "data.mdb allocated bytes / raw bytes"
+        return rows["footprint realistic bf16"]["ratio"], "store allocated bytes (data.mdb and frame files) / raw bytes"
     if name.startswith("lookup >="):
         return _lookup_vs_lmcache(result)
     if name.startswith("warm TTFT"):

@@ -112,7 +112,7 @@ def _e2e(result: dict) -> list[str]:
         return ["## End to end", "", "not measured (--e2e off)"]
     m, w = e["model"], e["workload"]
     resident = ("not checked (no fincore)" if e["cold_resident"] is None
-                else f"{e['cold_resident'] * 100:.1f}% of data.mdb resident at most")
+                else f"{e['cold_resident'] * 100:.1f}% of the store's files resident at most")
     lines = ["## End to end (transformers integration, the demo's RAG workload)", "",
              f"- model: {m['name']} ({m['params'] / 1e6:.1f}M params, random init from a config), {e['layout']}, "
              f"{e['threads']} torch threads",
@@ -145,7 +145,7 @@ def _e2e(result: dict) -> list[str]:
 
 def render_markdown(result: dict) -> str:
     lines = _header(result) + [""] + _throughput(result)
-    lines += ["", "## Disk footprint", "", "| data | disk bytes per raw byte (data.mdb allocated) | "
+    lines += ["", "## Disk footprint", "", "| data | disk bytes per raw byte (store allocated) | "
               "frame bytes per raw byte | verified |", "| --- | --- | --- | --- |"]
     for r in result["footprint"]:
         lines.append(f"| {r['data']} | {r['ratio']:.3f} | {r['frame_ratio']:.3f} | "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tiercache.config import CacheConfig
+from tiercache.tiers.frame_files import allocated_bytes, store_files
 from tiercache.tools.bench.protocol import (
     CHUNK_TOKENS,
     BenchConfig,
@@ -104,7 +105,7 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
             pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
                  ("disk store", disk_store,
                   lambda got: got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0))
-        rounds.cold([raw_path, os.path.join(lmdb_path, "data.mdb")])  # the environment is closed: nothing maps it
+        rounds.cold([raw_path, *store_files(lmdb_path)])  # the environment is closed: nothing maps it
         with TierCache(disk_cfg) as cache:
             for temp in ("cold", "warm"):
                 pair(r, (f"raw file read, {temp}", lambda: raw_read(raw_path, dst, n), loaded),
@@ -130,7 +131,8 @@ def throughput_rows(rounds: Rounds, nbytes: int) -> list[dict]:
 
 
 def measure_footprint(cfg: BenchConfig, workdir: str, log: Callable[[str], None]) -> list[dict]:
-    """Allocated bytes of data.mdb per raw byte, for realistic bf16 KV and for uniform random bytes."""
+    """Allocated bytes of the store (data.mdb and frame files) per raw byte, for realistic bf16 KV and for
+    uniform random bytes."""
     from tiercache.manager import TierCache
 
     layout, n = cfg.layout, cfg.footprint_chunks
@@ -148,7 +150,7 @@ def measure_footprint(cfg: BenchConfig, workdir: str, log: Callable[[str], None]
             cache.flush()
             s = cache.stats()
         raw = n * layout.block_bytes
-        allocated = os.stat(os.path.join(path, "data.mdb")).st_blocks * 512
+        allocated = allocated_bytes(path)  # data.mdb and the frame files
         with TierCache(dcfg) as cache:
             out = torch.empty_like(kv)
             ok = cache.load(tokens, out=out).shape[2] == n * CHUNK_TOKENS and same_bytes(out, kv)
