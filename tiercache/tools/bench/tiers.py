@@ -34,9 +34,16 @@ from tiercache.tools.bench.protocol import (
 )
 
 BOUNDS = {"host store": "memcpy store", "host load": "memcpy load", "disk store": "raw file write",
-          "disk load, cold": "raw file read, cold", "disk load, warm": "raw file read, warm"}
+          "disk load, cold": "raw file read, cold", "disk load, warm": "raw file read, warm",
+          "disk store, byteplane": "raw file write", "disk load, cold, byteplane": "raw file read, cold",
+          "disk load, warm, byteplane": "raw file read, warm"}
+# the plain disk rows store frames uncompressed (compression="none"); the byteplane rows the compressed
+# codec compression="auto" picks where decoding is fast enough (see tiers.disk_probe)
+CODEC_ROWS = {"none": ("disk store", "disk load, cold", "disk load, warm"),
+              "byteplane": ("disk store, byteplane", "disk load, cold, byteplane", "disk load, warm, byteplane")}
 ROW_ORDER = ("memcpy store", "memcpy load", "host store", "host load", "raw file write", "raw file read, cold",
-             "raw file read, warm", "disk store", "disk load, cold", "disk load, warm")
+             "raw file read, warm", "disk store", "disk load, cold", "disk load, warm", "disk store, byteplane",
+             "disk load, cold, byteplane", "disk load, warm, byteplane")
 LOOKUP_ROWS = ("lookup, host hit", "lookup, host hit (repeated)", "hashing only", "lookup, disk hit",
                "lookup, disk hit (repeated)")
 
@@ -54,8 +61,9 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
     copies = ParallelCopy(CacheConfig(layout=layout).io_threads)
     host = TierCache(CacheConfig(layout=layout, model_id="bench", host_bytes=n * layout.block_bytes))
     raw_path, lmdb_path = os.path.join(workdir, "raw.bin"), os.path.join(workdir, "lmdb")
-    disk_cfg = CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=lmdb_path,
-                           disk_bytes=2 * cfg.nbytes + (64 << 20), write_queue_blocks=max(n, 16))
+    disk_cfgs = {c: CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=lmdb_path,
+                                disk_bytes=2 * cfg.nbytes + (64 << 20), write_queue_blocks=max(n, 16), compression=c)
+                 for c in CODEC_ROWS}
 
     def loaded(got: object = None) -> bool:
         """Verify (outside the clock) that dst holds the source bytes, then clear it for the next run."""
@@ -94,23 +102,38 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
         rounds.record("hashing only", seconds / n * 1e6, len(keys) == n, rounds.lookup_us)
 
     def disk_probe(r: int) -> None:
+        """compression none, timed next to the raw-file rows; then byteplane (its bounds: the raw rows of this
+        round, and the decode rate measured with the footprint)."""
         tokens = token_ids(cfg.seed, T, salt=2000 + r)
-        shutil.rmtree(lmdb_path, ignore_errors=True)
-        with TierCache(disk_cfg) as cache:
-            def disk_store() -> int:
-                got = cache.store(tokens, src)
-                cache.flush()  # the clock stops when the frames are committed to LMDB (page cache, no fsync)
-                return got
+        for codec, (store_row, cold_row, warm_row) in CODEC_ROWS.items():
+            paired = codec == "none"
+            shutil.rmtree(lmdb_path, ignore_errors=True)
+            with TierCache(disk_cfgs[codec]) as cache:
+                def disk_store() -> int:
+                    got = cache.store(tokens, src)
+                    cache.flush()  # the clock stops when the frames are committed (page cache, no fsync)
+                    return got
 
-            pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
-                 ("disk store", disk_store,
-                  lambda got: got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0))
-        rounds.cold([raw_path, *store_files(lmdb_path)])  # the environment is closed: nothing maps it
-        with TierCache(disk_cfg) as cache:
-            for temp in ("cold", "warm"):
-                pair(r, (f"raw file read, {temp}", lambda: raw_read(raw_path, dst, n), loaded),
-                     (f"disk load, {temp}", lambda: cache.load(tokens, out=dst), loaded))
-            lookup_rows(cache, tokens, "disk")
+                def store_ok(got: object) -> bool:
+                    return got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0
+                if paired:
+                    pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
+                         (store_row, disk_store, store_ok))
+                else:
+                    seconds, got = timed(disk_store)
+                    rounds.record(store_row, seconds, store_ok(got))
+            files = [raw_path, *store_files(lmdb_path)] if paired else store_files(lmdb_path)
+            rounds.cold(files)  # the environment is closed: nothing maps it
+            with TierCache(disk_cfgs[codec]) as cache:
+                for temp, row in (("cold", cold_row), ("warm", warm_row)):
+                    if paired:
+                        pair(r, (f"raw file read, {temp}", lambda: raw_read(raw_path, dst, n), loaded),
+                             (row, lambda: cache.load(tokens, out=dst), loaded))
+                    else:
+                        seconds, got = timed(lambda: cache.load(tokens, out=dst))
+                        rounds.record(row, seconds, loaded(got))
+                if paired:
+                    lookup_rows(cache, tokens, "disk")
         os.unlink(raw_path)
         shutil.rmtree(lmdb_path, ignore_errors=True)
 
@@ -142,20 +165,44 @@ def measure_footprint(cfg: BenchConfig, workdir: str, log: Callable[[str], None]
         kv = make(layout, n * CHUNK_TOKENS, cfg.seed + 7)
         path = os.path.join(workdir, "footprint")
         shutil.rmtree(path, ignore_errors=True)
-        dcfg = CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=path,
+        dcfg = CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=path, compression="byteplane",
                            disk_bytes=3 * n * layout.block_bytes + (64 << 20), write_queue_blocks=max(n, 16))
         tokens = token_ids(cfg.seed, n * CHUNK_TOKENS, salt=3)
         with TierCache(dcfg) as cache:
             cache.store(tokens, kv)
             cache.flush()
             s = cache.stats()
+            decode = decode_per_core(cache, tokens)
         raw = n * layout.block_bytes
         allocated = allocated_bytes(path)  # data.mdb and the frame files
         with TierCache(dcfg) as cache:
             out = torch.empty_like(kv)
             ok = cache.load(tokens, out=out).shape[2] == n * CHUNK_TOKENS and same_bytes(out, kv)
         rows.append({"row": f"footprint {name}", "data": name, "raw_bytes": raw, "disk_bytes": allocated,
+                     "decode_gbps_per_core": decode,
                      "frame_bytes": s["disk_compressed_bytes"], "ratio": allocated / raw,
                      "frame_ratio": s["disk_compressed_bytes"] / max(s["disk_raw_bytes"], 1), "verified": ok})
         shutil.rmtree(path, ignore_errors=True)
     return rows
+
+
+def decode_per_core(cache: object, tokens: np.ndarray) -> float:
+    """GB/s (decoded bytes) of the cache's codec verifying and decoding its stored frames on one core: the
+    frames are read into memory first (outside the clock); best of three passes."""
+    import time
+
+    keys = cache.keys(tokens)
+    bb = cache.layout.block_bytes
+    frames = []
+    with cache.disk.reader() as get:
+        for k in keys:
+            f = get(k)
+            frames.append((k, bytes(f.read_all()) if hasattr(f, "read_all") else bytes(f)))
+    out = np.empty(bb, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for k, f in frames:
+            cache.codec.decode_into(f, out, key=k)
+        best = min(best, time.perf_counter() - t0)
+    return len(frames) * bb / best / 1e9
