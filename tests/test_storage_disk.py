@@ -280,7 +280,7 @@ def test_store_on_a_read_only_filesystem_is_served_read_only(tmpfs, caplog, lock
 
 # -- item 9: disk_bytes bounds the file, namespaces are charged and go with their blocks ----------------
 
-def test_disk_bytes_bounds_the_data_file(tmp_path):
+def test_disk_bytes_bounds_the_store(tmp_path):
     for cap in (2 << 20, 4 << 20):
         path = tmp_path / f"s{cap}"
         disk, rec = open_disk(path, cap=cap)
@@ -290,6 +290,7 @@ def test_disk_bytes_bounds_the_data_file(tmp_path):
             with disk.reader() as get:                      # a reader between batches pins a snapshot
                 get(key(b * 8))
         assert os.path.getsize(path / "data.mdb") <= cap
+        assert disk.allocated_bytes() <= cap                # data.mdb and the frame files together
         used, blocks = disk.used()
         assert used <= cap and blocks > 0
         assert evicted > 0 and rec.snapshot()["dropped_writes"]["disk"] == 0
