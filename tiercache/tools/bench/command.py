@@ -57,6 +57,17 @@ SECTIONS.append(Section("core", "Core cost per block (32 layers, tiny blocks): u
                         _core_section))
 
 
+def _ingest_section(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    from tiercache.tools.bench.tiers import measure_ingest
+    log("ingest: stores offered at paced rates around the sustained disk write rate (compression none)")
+    return measure_ingest(cfg, log)
+
+
+SECTIONS.append(Section("ingest", "Disk ingest (compression none, write_queue_blocks=2): stores offered at a paced "
+                        "rate, as a multiple of the sustained rate measured first; where writes start being dropped",
+                        _ingest_section))
+
+
 def _vllm_section(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     """TTFT on a real vLLM (its own virtual environment): tiercache's hits next to vLLM's own prefix cache."""
     import subprocess

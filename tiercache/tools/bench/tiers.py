@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -206,3 +207,68 @@ def decode_per_core(cache: object, tokens: np.ndarray) -> float:
             cache.codec.decode_into(f, out, key=k)
         best = min(best, time.perf_counter() - t0)
     return len(frames) * bb / best / 1e9
+
+
+INGEST_FACTORS = (0.5, 1.0, 2.0, None)  # None: back to back, as fast as store() returns
+
+
+def measure_ingest(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    """The rate at which a write-through store starts dropping disk writes.
+
+    The sustained rate is measured first (every chunk stored, then flushed, the queue large enough for
+    all: what the "disk store" row measures). Then, with a queue of 2 blocks, the chunks are offered at
+    paced rates (multiples of the sustained rate) and back to back (a store call cannot go faster than
+    its own copy, so the offered rate is measured too); a write is dropped when the queue is full.
+    Every block that was written is loaded back and compared (outside the clocks)."""
+    import time
+
+    from tiercache.manager import TierCache
+
+    layout = cfg.layout
+    n = min(cfg.chunks, 16)
+    kv = realistic_kv(layout, n * CHUNK_TOKENS, cfg.seed + 11)
+    chunks = [kv[:, :, c * CHUNK_TOKENS:(c + 1) * CHUNK_TOKENS] for c in range(n)]
+    path = os.path.join(cfg.workdir or tempfile.gettempdir(), f"tiercache-ingest-{os.getpid()}")
+    rows = []
+
+    def config(queue: int) -> CacheConfig:
+        return CacheConfig(layout=layout, model_id="bench-ingest", host_bytes=0, disk_path=path,
+                           disk_bytes=2 * n * layout.block_bytes + (64 << 20), write_queue_blocks=queue,
+                           compression="none")
+
+    def tokens(round_: int, c: int) -> np.ndarray:
+        return token_ids(cfg.seed, CHUNK_TOKENS, salt=50_000 + round_ * 1000 + c)
+
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+        with TierCache(config(max(n, 16))) as cache:
+            t0 = time.perf_counter()
+            for c in range(n):
+                cache.store(tokens(0, c), chunks[c])
+            cache.flush()
+            sustained = n * layout.block_bytes / (time.perf_counter() - t0) / 1e9
+        for i, factor in enumerate(INGEST_FACTORS, start=1):
+            shutil.rmtree(path, ignore_errors=True)
+            gap = 0.0 if factor is None else layout.block_bytes / (factor * sustained * 1e9)
+            with TierCache(config(2)) as cache:
+                t0 = time.perf_counter()
+                for c in range(n):
+                    wait = t0 + c * gap - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    cache.store(tokens(i, c), chunks[c])
+                offered = n * layout.block_bytes / (time.perf_counter() - t0) / 1e9
+                cache.flush()
+                dropped = cache.stats()["dropped_writes"].get("disk", 0)
+                ok = True
+                for c in range(n):  # written blocks load back exact; dropped ones are misses
+                    got = cache.load(tokens(i, c))
+                    ok = ok and (got.shape[2] == 0 or same_bytes(got, chunks[c]))
+                held = sum(cache.lookup(tokens(i, c)) > 0 for c in range(n))
+            rows.append({"offered / sustained": round(offered / sustained, 2), "offered GB/s": round(offered, 3),
+                         "sustained GB/s": round(sustained, 3), "dropped": f"{dropped}/{n}",
+                         "verified": ok and held == n - dropped})
+            log(f"ingest: offered {offered:.2f} GB/s ({offered / sustained:.2f}x sustained): {dropped}/{n} dropped")
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
