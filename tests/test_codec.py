@@ -217,3 +217,193 @@ def test_crafted_zstd_plane_is_refused_before_allocating(compression, declared):
     c._local.c = None
     with pytest.raises(CorruptFrame, match="declares"):   # refused from the header, no MemoryError, no 256 MiB
         c.decode(frame, len(raw), key=K)
+
+
+# -- frames read in place from a file (tiercache.tiers.frame_files.FileFrame) --------------------------
+
+def _kv_bytes(layer_bytes: int, layers: int = 4, seed: int = 0) -> np.ndarray:
+    """bf16 KV-like bytes (Gaussian values): the exponent planes compress, the mantissa planes do not."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(layers * layer_bytes // 2, generator=g) * 0.7).to(torch.bfloat16)
+    return x.view(torch.uint8).numpy().copy()
+
+
+def _frame_file(tmp_path, frame: bytes, name: str = "frame"):
+    from tiercache.tiers.frame_files import FileFrame
+    p = tmp_path / name
+    p.write_bytes(frame)
+    return FileFrame(str(p), len(frame))
+
+
+SIZES = {"one-segment": 8 << 10, "per-layer": None}     # per-layer: MIN_SEGMENT_BYTES per layer
+
+
+def _layer_bytes(size):
+    from tiercache.codec import MIN_SEGMENT_BYTES
+    return SIZES[size] or MIN_SEGMENT_BYTES
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("compression", ["none", "zstd", "byteplane"])
+def test_file_frame_decodes_bit_exact(tmp_path, compression, size):
+    from tiercache.codec import frame_segments
+    lb = _layer_bytes(size)
+    raw = _kv_bytes(lb)
+    c = BlockCodec("fp-file", 2, 4, compression)
+    parts = c.encode_parts(raw, K)
+    frame = c.encode(raw, K)
+    assert b"".join(bytes(memoryview(p)) for p in parts) == frame
+    nseg = 4 if size == "per-layer" else 1
+    assert frame_segments(frame) == nseg
+    ff = _frame_file(tmp_path, frame)
+    assert frame_segments(ff) == nseg
+    h = read_header(ff)
+    assert h == {**read_header(frame), "frame_len": len(frame)}
+    assert (h["raw_len"], h["segments"], h["key"], h["codec"]) == (len(raw), nseg, K, compression)
+
+    out = np.full(len(raw), 0xA5, dtype=np.uint8)
+    c.decode_into(ff, out, key=K)                            # the whole block
+    assert np.array_equal(out, raw)
+
+    for i in range(4):                                       # every single layer, into its place only
+        out = np.full(len(raw), 0xA5, dtype=np.uint8)
+        c.decode_into(ff, out, range(i, i + 1), key=K)
+        want = np.full(len(raw), 0xA5, dtype=np.uint8)
+        if nseg == 4:
+            want[i * lb:(i + 1) * lb] = raw[i * lb:(i + 1) * lb]
+        elif i == 0:
+            want[:] = raw                                    # a one-segment frame arrives whole with layer 0
+        assert np.array_equal(out, want), i
+    if nseg == 4:                                            # a middle run of layers
+        out = np.full(len(raw), 0xA5, dtype=np.uint8)
+        c.decode_into(ff, out, range(1, 3), key=K)
+        want = np.full(len(raw), 0xA5, dtype=np.uint8)
+        want[lb:3 * lb] = raw[lb:3 * lb]
+        assert np.array_equal(out, want)
+        with pytest.raises(ValueError, match="consecutive"):
+            c.decode_into(ff, out, [0, 2], key=K)
+
+
+def _rows_target(lb: int, layers: int = 4):
+    """Per layer, 2 non-adjacent uint8 slices (the K and V rows of a block inside a bigger tensor):
+    the arena, the rows, and a mask of the arena bytes the rows cover."""
+    half = lb // 2
+    gap = 24
+    arena = np.full(layers * (2 * half + 2 * gap) + gap, 0x5A, dtype=np.uint8)
+    mask = np.zeros(len(arena), dtype=bool)
+    rows, pos = [], gap
+    for _ in range(layers):
+        r = []
+        for _ in range(2):
+            r.append(arena[pos:pos + half])
+            mask[pos:pos + half] = True
+            pos += half + gap
+        rows.append(r)
+    return arena, rows, mask
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("compression", ["none", "zstd", "byteplane"])
+def test_file_frame_decodes_into_rows(tmp_path, compression, size):
+    lb = _layer_bytes(size)
+    raw = _kv_bytes(lb, seed=3)
+    c = BlockCodec("fp-file", 2, 4, compression)
+    ff = _frame_file(tmp_path, c.encode(raw, K))
+    nseg = 4 if size == "per-layer" else 1
+
+    arena, rows, mask = _rows_target(lb)
+    c.decode_into(ff, rows, key=K)
+    assert np.array_equal(np.concatenate([p for r in rows for p in r]), raw)
+    assert (arena[~mask] == 0x5A).all()                      # nothing written between the rows
+
+    for layers in [range(i, i + 1) for i in range(4)] + [range(1, 3)]:
+        arena, rows, mask = _rows_target(lb)
+        c.decode_into(ff, rows, layers, key=K)
+        for i in range(4):
+            got = np.concatenate(rows[i])
+            filled = i in layers if nseg == 4 else 0 in layers
+            if filled:
+                assert np.array_equal(got, raw[i * lb:(i + 1) * lb]), (layers, i)
+            else:
+                assert (got == 0x5A).all(), (layers, i)
+        assert (arena[~mask] == 0x5A).all()
+    # the same rows from the frame in memory: identical
+    arena2, rows2, _ = _rows_target(lb)
+    c.decode_into(c.encode(raw, K), rows2, key=K)
+    arena, rows, _ = _rows_target(lb)
+    c.decode_into(ff, rows, key=K)
+    assert np.array_equal(arena, arena2)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("compression", ["none", "zstd", "byteplane"])
+def test_damaged_frame_file_raises_corrupt_frame(tmp_path, compression, size):
+    from tiercache.tiers.frame_files import FileFrame
+    lb = _layer_bytes(size)
+    raw = _kv_bytes(lb, seed=5)
+    c = BlockCodec("fp-file", 2, 4, compression)
+    frame = c.encode(raw, K)
+    out = np.empty(len(raw), dtype=np.uint8)
+
+    # cut short: the pointer's recorded length is the whole frame, the file holds half
+    short = _frame_file(tmp_path, frame[:len(frame) // 2], "short")
+    with pytest.raises(CorruptFrame):
+        c.decode_into(FileFrame(short.path, len(frame)), out, key=K)
+    with pytest.raises(CorruptFrame):                       # and recorded as short as it is
+        c.decode_into(short, out, key=K)
+    arena, rows, _ = _rows_target(lb)
+    with pytest.raises(CorruptFrame):
+        c.decode_into(FileFrame(short.path, len(frame)), rows, key=K)
+
+    # one flipped payload byte, in the last layer's bytes
+    bad = bytearray(frame)
+    bad[-7] ^= 0x10
+    flipped = _frame_file(tmp_path, bytes(bad), "flipped")
+    with pytest.raises(CorruptFrame):
+        c.decode_into(flipped, out, key=K)
+    arena, rows, _ = _rows_target(lb)
+    with pytest.raises(CorruptFrame):
+        c.decode_into(flipped, rows, key=K)
+    if size == "per-layer":                                   # the other layers still verify on their own
+        out = np.full(len(raw), 0xA5, dtype=np.uint8)
+        c.decode_into(flipped, out, range(0, 3), key=K)
+        assert np.array_equal(out[:3 * lb], raw[:3 * lb])
+        with pytest.raises(CorruptFrame):
+            c.decode_into(flipped, out, range(3, 4), key=K)
+
+    # a valid frame of another block
+    other = _frame_file(tmp_path, c.encode(raw, K2), "other")
+    with pytest.raises(CorruptFrame, match="key"):
+        c.decode_into(other, out, key=K)
+    arena, rows, _ = _rows_target(lb)
+    with pytest.raises(CorruptFrame, match="key"):
+        c.decode_into(other, rows, range(0, 1), key=K)
+    c.decode_into(other, out, key=K2)
+    assert np.array_equal(out, raw)
+
+    # a frame file longer than its frame (garbage appended): refused
+    longer = _frame_file(tmp_path, frame + b"\0" * 16, "longer")
+    with pytest.raises(CorruptFrame):
+        c.decode_into(longer, out, key=K)
+
+
+def test_read_header_of_a_short_frame_file(tmp_path):
+    from tiercache.codec import frame_segments
+    ff = _frame_file(tmp_path, b"TCKV" + b"\0" * 20)
+    with pytest.raises(CorruptFrame, match="shorter than the header"):
+        read_header(ff)
+    with pytest.raises(CorruptFrame):
+        frame_segments(ff)
+
+
+def test_file_frame_decode_layer_into(tmp_path):
+    from tiercache.codec import MIN_SEGMENT_BYTES
+    raw = _kv_bytes(MIN_SEGMENT_BYTES, seed=9)
+    c = BlockCodec("fp-file", 2, 4, "byteplane")
+    ff = _frame_file(tmp_path, c.encode(raw, K))
+    for i in range(4):
+        out = np.empty(MIN_SEGMENT_BYTES, dtype=np.uint8)
+        c.decode_layer_into(ff, i, out, key=K)
+        assert np.array_equal(out, raw[i * MIN_SEGMENT_BYTES:(i + 1) * MIN_SEGMENT_BYTES])
+    with pytest.raises(IndexError):
+        c.decode_layer_into(ff, 4, np.empty(MIN_SEGMENT_BYTES, dtype=np.uint8), key=K)
