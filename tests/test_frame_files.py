@@ -437,9 +437,6 @@ def test_killed_while_writing_frame_files(tmp_path, layout):
     assert _loads_exact_or_miss(layout, path, prompts) == {j: 32 for j in range(5)}
 
 
-@pytest.mark.xfail(strict=True, reason="frame_files.FrameFiles.orphans binds ORPHAN_AGE_S as a default argument "
-                   "at import (min_age_s=ORPHAN_AGE_S) and DiskTier._collect_orphans does not pass it, so setting "
-                   "frame_files.ORPHAN_AGE_S at run time has no effect: orphans younger than 600 s are kept")
 def test_orphan_age_setting_is_honoured_at_open(tmp_path, layout, monkeypatch):
     path = tmp_path / "store"
     r = _killed_mid_writev(path, kill_at=3)
@@ -547,10 +544,6 @@ def test_unlinks_past_max_deferred_go_at_once_and_are_misses(tmp_path, monkeypat
     disk.close()
 
 
-@pytest.mark.xfail(strict=True, reason="FrameFiles (reader count, deferred unlinks) is per DiskTier object while the "
-                   "LMDB environment is shared by the whole process: a second DiskTier on the same disk_path in this "
-                   "process (the vLLM scheduler's per-rank views next to the worker's cache) unlinks frame files at "
-                   "once under the first one's open snapshot")
 def test_unlinks_wait_for_readers_of_another_tier_on_the_same_path(tmp_path):
     path = tmp_path / "store"
     first, _ = open_disk(path, file_min_bytes=0)
@@ -577,9 +570,6 @@ def read_ok_in(get, i: int) -> bool | None:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason="DiskTier._write_files keeps one file id per key (files[key] = fid): a key "
-                   "given twice in one write_batch gets two files, the row points at the first, and the second is "
-                   "neither committed nor unlinked: an orphan, outside disk_bytes, until a writable open 10 min later")
 def test_a_key_twice_in_one_batch_leaves_no_file_behind(tmp_path):
     path = tmp_path / "store"
     disk, rec = open_disk(path, file_min_bytes=0)

@@ -63,7 +63,6 @@ class DiskTier:
         self.path = os.fspath(path)
         # frames of at least this many bytes are written to files of their own (None: all in LMDB)
         self.file_min_bytes = file_min_bytes
-        self._files = FrameFiles(self.path)
         self._stale: list[tuple[BlockKey, int]] = []  # rows whose file is gone: deleted by the next write
         self.layout = layout
         self.capacity_bytes = capacity_bytes
@@ -95,6 +94,11 @@ class DiskTier:
             raise
         except (lmdb.Error, OSError) as e:
             self._off("open", f"cannot open the store ({describe_error(e)[1]})")
+
+    @property
+    def _files(self) -> FrameFiles:
+        """This process's FrameFiles of the store (shared by every DiskTier on the path; new after fork)."""
+        return frame_files.shared(self.path)
 
     # -- open / state ----------------------------------------------------------------------
     def _open(self) -> None:
@@ -370,32 +374,36 @@ class DiskTier:
 
         `get` never raises for a storage fault: it returns None (counted, logged once).
         """
-        with self._read_txn(b"blocks", "load") as txn:
-            if txn is None:
-                yield _miss
-                return
-            limit = self._max_frame
+        files = self._files
+        files.reader_started()  # before the snapshot: an eviction committed after it waits to unlink
+        try:
+            with self._read_txn(b"blocks", "load") as txn:
+                if txn is None:
+                    yield _miss
+                    return
+                yield self._getter(txn)
+        finally:
+            files.reader_done()
 
-            def get(key: BlockKey) -> memoryview | FileFrame | None:
-                try:
-                    v = txn.get(key)
-                except lmdb.Error as e:
-                    self._fault("load", e)
-                    return None
-                if v is None:
-                    return None
-                ptr = parse_pointer(v) if len(v) == frame_files.PTR.size else None
-                if ptr is not None:
-                    return self._open_file(key, ptr)
-                if len(v) > limit:  # no frame of this layout is that long
-                    self._count("load")
-                    return None
-                return v
-            self._files.reader_started()
+    def _getter(self, txn: lmdb.Transaction) -> Callable[[BlockKey], memoryview | FileFrame | None]:
+        limit = self._max_frame
+
+        def get(key: BlockKey) -> memoryview | FileFrame | None:
             try:
-                yield get
-            finally:
-                self._files.reader_done()
+                v = txn.get(key)
+            except lmdb.Error as e:
+                self._fault("load", e)
+                return None
+            if v is None:
+                return None
+            ptr = parse_pointer(v) if len(v) == frame_files.PTR.size else None
+            if ptr is not None:
+                return self._open_file(key, ptr)
+            if len(v) > limit:  # no frame of this layout is that long
+                self._count("load")
+                return None
+            return v
+        return get
 
     def _open_file(self, key: BlockKey, ptr: tuple[int, int]) -> FileFrame | None:
         flen, fid = ptr
@@ -527,6 +535,8 @@ class DiskTier:
         fmin = self.file_min_bytes
         for k, frame, ns_id, ns_desc in items:
             flen = frame_len(frame)
+            if bytes(k) in files:
+                continue  # the same key twice in one batch: its first frame is the one written
             if fmin is None or flen < fmin:
                 rows.append((k, joined(frame), ns_id, ns_desc, flen))
                 continue

@@ -22,9 +22,13 @@ Order of operations, and what a crash at any point leaves:
   leaves an orphan, as above. In this process, unlinks wait while any read snapshot of this
   process is open (so a load that planned a block finds its file); a reader in another process
   that finds the file gone treats the block as a miss.
-- read: the file is opened while the snapshot is open; from then on the open descriptor keeps
-  the bytes even if the file is unlinked. A missing file, a file of the wrong length, or bytes
-  that fail the frame's checksums are misses, never served.
+- read: the row is read in a snapshot, and the file is opened for each positional read (no
+  descriptor is held between reads). A file unlinked by another process in between, a missing
+  file, a file of the wrong length, or bytes that fail the frame's checksums are misses, never
+  served.
+
+The reader count that holds unlinks back is per store path and process (every DiskTier of this
+process on one path shares one FrameFiles), as LMDB's environment is.
 """
 
 from __future__ import annotations
@@ -219,8 +223,11 @@ class FrameFiles:
         return FileFrame(path, flen)
 
     # -- housekeeping ------------------------------------------------------------------------
-    def orphans(self, referenced: set[str], min_age_s: float = ORPHAN_AGE_S) -> list[str]:
-        """Files no row points to, older than `min_age_s` (younger ones may be another writer's in flight)."""
+    def orphans(self, referenced: set[str], min_age_s: float | None = None) -> list[str]:
+        """Files no row points to, older than `min_age_s` (default ORPHAN_AGE_S; younger ones may be another
+        writer's in flight)."""
+        if min_age_s is None:
+            min_age_s = ORPHAN_AGE_S
         now = time.time()
         out = []
         try:
@@ -247,6 +254,31 @@ class FrameFiles:
 
 def file_name(key: bytes, fid: int) -> str:
     return f"{bytes(key).hex()}.{fid:016x}"
+
+
+_SHARED: dict[str, FrameFiles] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared(path: str) -> FrameFiles:
+    """The FrameFiles of the store at `path` for this process (one per real path: the reader count that
+    holds unlinks back must see every reader of the store in this process)."""
+    real = os.path.realpath(path)
+    with _SHARED_LOCK:
+        got = _SHARED.get(real)
+        if got is None:
+            got = _SHARED[real] = FrameFiles(real)
+        return got
+
+
+def _forget_after_fork() -> None:  # a child has none of the parent's readers
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()
+    _SHARED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def store_files(path: str) -> list[str]:
