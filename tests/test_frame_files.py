@@ -860,3 +860,18 @@ def test_budget_eviction_unlinks_frame_files(tmp_path):
     assert [read_ok(disk, i) for i in range(20)] == [None] * 20
     assert rec.snapshot()["errors"].get("disk", {}) == {}
     disk.close()
+
+
+def test_a_store_removed_and_made_again_in_this_process_writes_files(tmp_path):
+    """The per-path FrameFiles outlives a store's directory: removed (after close) and opened again at the
+    same path, its frame files are written into new directories, not into ones remembered as made."""
+    import shutil
+    path = tmp_path / "store"
+    for attempt in range(2):
+        disk, rec = open_disk(path, file_min_bytes=0)
+        w, _, dropped = disk.write_batch(rows(range(4)))
+        assert len(w) == 4 and not dropped, attempt
+        assert all(read_ok(disk, i) for i in range(4))
+        assert len(files_on_disk(path)) == 4 and not rec.snapshot()["errors"].get("disk")
+        disk.close()
+        shutil.rmtree(path)

@@ -151,15 +151,16 @@ class FrameFiles:
         path = self.path(key, fid)
         d = os.path.dirname(path)
         if d not in self._made:
-            for p in (self.root, d):  # both private (makedirs would give the parent the default mode)
-                try:
-                    os.mkdir(p, DIR_MODE)
-                except FileExistsError:
-                    pass
-            self._made.add(d)
+            self._mkdirs(d)
         parts = [memoryview(p).cast("B") for p in (frame if isinstance(frame, list) else [frame])]
         parts = [p for p in parts if len(p)]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, FILE_MODE)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+        try:
+            fd = os.open(path, flags, FILE_MODE)
+        except FileNotFoundError:  # the directory went away under us (removed by hand): make it again
+            self._made.discard(d)
+            self._mkdirs(d)
+            fd = os.open(path, flags, FILE_MODE)
         try:
             while parts:
                 n = os.writev(fd, parts[:1024])  # IOV_MAX
@@ -178,6 +179,14 @@ class FrameFiles:
             raise
         os.close(fd)
         return fid
+
+    def _mkdirs(self, d: str) -> None:
+        for p in (self.root, d):  # both private (makedirs would give the parent the default mode)
+            try:
+                os.mkdir(p, DIR_MODE)
+            except FileExistsError:
+                pass
+        self._made.add(d)
 
     def unlink_now(self, paths: list[str]) -> None:
         for p in paths:
