@@ -179,3 +179,36 @@ def test_decode_error_in_one_task_waits_for_siblings(tmp_path, monkeypatch):
         assert_idle(cache)
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("exc", [Boom("copy"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"])
+def test_a_store_in_groups_interrupted_between_groups(tmp_path, monkeypatch, exc):
+    """A store larger than STORE_GROUP_BYTES is copied and queued group by group (the write-behind writes the
+    first groups while the next are copied). A fault in the third group's copy: the first two groups are
+    cached and exact, the rest are not, nothing stays pinned; without a fault the whole store is exact."""
+    from tiercache import manager
+    from tiercache.mover import Mover
+    monkeypatch.setattr(manager, "STORE_GROUP_BYTES", 2 * L.block_bytes)   # 2 blocks a group
+    p = prompts(1, 40)[0]                                                   # 10 blocks: 5 groups
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0) as cache:
+        calls = [0]
+        write_blocks = Mover.write_blocks
+
+        def failing(self, plan, kv6):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise exc
+            return write_blocks(self, plan, kv6)
+        monkeypatch.setattr(Mover, "write_blocks", failing)
+        with pytest.raises(type(exc)):
+            cache.store(p, kv_for(p))
+        assert calls[0] == 3
+        monkeypatch.setattr(Mover, "write_blocks", write_blocks)
+        assert_idle(cache)
+        assert cache.lookup(p) == 4 * L.block_size                          # groups 1 and 2
+        assert_every_load_exact(cache, [p])
+        assert cache.store(p, kv_for(p)) == len(p)                          # the rest, in groups again
+        assert_idle(cache)
+        out = cache.load(p)
+        assert out.shape[2] == len(p) and torch.equal(out.view(torch.uint8), kv_for(p).view(torch.uint8))
+        assert cache.stats()["blocks"]["disk"] == 10

@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 
+from tiercache.config import KVLayout
 from tiercache.pinned import HostBuffer, StagingPool
 from tiercache.transfer import TransferEngine, gather_rows, scatter_rows
 
@@ -602,3 +603,26 @@ def test_run_start_finds_one_ascending_run_only():
     assert _run_start(torch.tensor([1, 2, 4])) is None
     assert _run_start(torch.tensor([2, 2])) is None
     assert _run_start(torch.tensor([], dtype=torch.long)) is None
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small-blocks", "1MiB-blocks"])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4, 5], [5, 6, 7, 2, 0, 1], [7, 5, 3, 1, 0, 2]],
+                         ids=["one-run", "three-runs", "no-runs"])
+def test_slab_scatter_by_runs_or_index_copy_is_exact(big, slots):
+    """MemorySlab.scatter copies runs of consecutive slots with one copy_ each (large blocks, or few runs) and
+    falls back to index_copy_ otherwise: every slot holds exactly its block, the others are untouched."""
+    from tiercache.tiers.slab import MemorySlab
+    lay = KVLayout(num_layers=4, num_kv_heads=4 if big else 1, head_dim=128 if big else 8, dtype=torch.bfloat16,
+                   block_size=128 if big else 4)
+    assert (lay.block_bytes >= 1 << 20) == big
+    slab = MemorySlab("host", lay, 8, torch.device("cpu"), pin=False)
+    try:
+        slab.tensor.fill_(7)
+        blocks = torch.randn((len(slots), *lay.block_shape)).to(lay.dtype)
+        slab.scatter(slots, blocks.permute(1, 2, 0, 3, 4, 5))
+        for j, s in enumerate(slots):
+            assert torch.equal(slab.tensor[s].view(torch.int16), blocks[j].view(torch.int16))
+        for s in set(range(8)) - set(slots):
+            assert bool((slab.tensor[s] == 7).all())
+    finally:
+        slab.close()

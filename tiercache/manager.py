@@ -32,6 +32,10 @@ from .tiers.slab import MemorySlab, StagingArea
 from .transfer import TransferEngine
 from .writebehind import EvictionGate, WriteBehind
 
+# A store is copied and queued for the slow tiers in groups of about this many bytes (at least a block):
+# the write-behind writes a group while the next one is copied.
+STORE_GROUP_BYTES = 64 << 20
+
 
 class TierCache:
     def __init__(self, cfg: CacheConfig, registry: Any = None, *, publish: bool = True,
@@ -191,8 +195,32 @@ class TierCache:
         return self._store_keys(list(keys), blocks.detach(), salt) // self._B
 
     def _store_keys(self, keys: list[BlockKey], kv6: torch.Tensor, salt: Any) -> int:
+        """Store in groups of about STORE_GROUP_BYTES: each group's blocks are copied, completed and queued
+        for the slow tiers before the next group is copied, so the write-behind writes the first
+        blocks while the caller's thread copies the rest (a 1 GiB store no longer copies everything
+        before the first byte goes to disk)."""
         t0 = time.perf_counter()
-        plan = self.core.prepare_store(keys, self._tag(salt))
+        per = max(1, STORE_GROUP_BYTES // self.layout.block_bytes)
+        cached: list[bool] = []
+        new = 0
+        per_tier: dict[str, int] = {}
+        tag = self._tag(salt)
+        for g in range(0, len(keys), per):
+            got, fresh = self._store_group(keys[g:g + per], kv6[:, :, g:g + per] if per < len(keys) else kv6,
+                                           tag, per_tier)
+            cached += got
+            new += fresh
+        seconds = time.perf_counter() - t0
+        for t, n in per_tier.items():
+            self.recorder.stored(t, n * self.layout.block_bytes, seconds)
+        self.recorder.stored_tokens(new * self._B)
+        n = next((i for i, c in enumerate(cached) if not c), len(cached))
+        return n * self._B
+
+    def _store_group(self, keys: list[BlockKey], kv6: torch.Tensor, tag: Any,
+                     per_tier: dict[str, int]) -> tuple[list[bool], int]:
+        """One group of a store: (cached per block, blocks newly cached); counts slots per tier in per_tier."""
+        plan = self.core.prepare_store(keys, tag)
         ok = [False] * len(keys)
         jobs: list[WriteJob] = []
         try:
@@ -203,21 +231,15 @@ class TierCache:
             cached, more = self.core.complete_store(plan, ok)
             jobs += more
             dropped = self._queue(jobs)
-        seconds = time.perf_counter() - t0
-        per_tier: dict[str, int] = {}
         for dsts in plan.dsts.values():
             for t, _ in dsts:
                 if t != "stage":
                     per_tier[t] = per_tier.get(t, 0) + 1
-        for t, n in per_tier.items():
-            self.recorder.stored(t, n * self.layout.block_bytes, seconds)
         if dropped:  # a block whose only copy was a dropped write is not cached
             idx = [i for i, k in enumerate(keys) if k in dropped]
             for i, there in zip(idx, self.core.cached_locally([keys[i] for i in idx])):
                 cached[i] = there
-        self.recorder.stored_tokens(sum(1 for i in range(len(keys)) if cached[i] and not plan.present[i]) * self._B)
-        n = next((i for i, c in enumerate(cached) if not c), len(cached))
-        return n * self._B
+        return cached, sum(1 for i in range(len(keys)) if cached[i] and not plan.present[i])
 
     def _queue(self, jobs: list[WriteJob]) -> set:
         dropped = set()

@@ -133,7 +133,14 @@ class MemorySlab:
             return
         if blocks6.device != self.device:
             blocks6 = blocks6.to(self.device, non_blocking=True)
-        self._by_layer.index_copy_(2, idx, blocks6)
+        runs = _runs(slots)
+        if len(runs) <= max(1, len(slots) // 8) or self.layout.block_bytes >= (1 << 20):
+            # one strided copy_ per run of consecutive slots: copy_ runs on every torch thread, index_copy_
+            # on one (a 1 GiB store of 32 MiB blocks: 4.2 GB/s against 9.3 for two threads' memcpy)
+            for pos, first, n in runs:
+                self._by_layer.narrow(2, first, n).copy_(blocks6.narrow(2, pos, n), non_blocking=True)
+        else:
+            self._by_layer.index_copy_(2, idx, blocks6)
 
     def close(self) -> None:
         owner, self._owner = self._owner, None
@@ -167,3 +174,14 @@ class StagingArea:
 
     def __len__(self) -> int:
         return len(self._bufs)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(position, first slot, length) of each run of consecutive ascending slots, in order."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for j in range(1, len(slots) + 1):
+        if j == len(slots) or slots[j] != slots[j - 1] + 1:
+            out.append((start, slots[start], j - start))
+            start = j
+    return out
