@@ -139,3 +139,21 @@ def test_many_salts_keep_the_namespace_memo_bounded():
     for i in range(10_000):                                   # one tenant each
         h.block_keys([1, 2, 3, 4], 4, Namespace("model", NS.layout_fingerprint, salt=f"tenant-{i}"))
     assert len(h._ns_cache) <= 4097
+
+
+@pytest.mark.parametrize("algo,secret", [("xxh3_128", None), ("blake2b", b"s3cret")])
+def test_chain_goes_on_from_a_given_key(algo, secret):
+    """Hashing a growing sequence block by block (after=the last key) gives exactly the keys of hashing it
+    from token 0: what the vLLM scheduler does instead of re-hashing the whole prefix per new block."""
+    h = KeyHasher(algo, secret)
+    toks = list(np.random.default_rng(1).integers(0, 128_000, 4 * 9 + 3))
+    whole = h.block_keys(toks, 4, NS)
+    grown: list = []
+    for end in (4, 12, 12, 20, 36, 39):                  # steps of 1, 2, 0 and 4 blocks, then a partial one
+        start = len(grown) * 4
+        grown += h.block_keys(toks[start:end], 4, NS, after=grown[-1] if grown else None)
+    assert grown == whole and len(whole) == 9
+    other = h.block_keys(toks[4:8], 4, NS, after=whole[1])
+    assert other != whole[1:2]                           # the chain depends on the key it goes on from
+    with pytest.raises(ValueError, match="after: expected a 16-byte block key"):
+        h.block_keys(toks, 4, NS, after=b"short")

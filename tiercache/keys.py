@@ -192,11 +192,13 @@ class KeyHasher:
         return d
 
     def block_keys(self, tokens: Any, block_size: int, ns: Namespace,
-                   max_blocks: int | None = None) -> list[BlockKey]:
+                   max_blocks: int | None = None, after: bytes | None = None) -> list[BlockKey]:
         """Keys of every full block of `tokens` (the trailing partial block gets none).
 
         key[i] = H(key[i-1] || int64 LE tokens of block i). The token bytes are made once; each
         step is one 16 + 8*block_size byte concatenation and one hash (no per-block numpy).
+        `after`: the key of the block before `tokens` (the chain goes on from it; `tokens` then starts
+        at a block boundary), so a growing sequence is hashed once, block by block, not from token 0.
         """
         arr = tokens_to_array(tokens)
         n = len(arr) // block_size
@@ -206,7 +208,12 @@ class KeyHasher:
             return []
         raw = arr[: n * block_size].tobytes()
         step = block_size * 8
-        prev = self.namespace_digest(ns)
+        if after is None:
+            prev = self.namespace_digest(ns)
+        elif len(after) != KEY_BYTES:
+            raise ValueError(f"after: expected a {KEY_BYTES}-byte block key, got {len(after)} bytes")
+        else:
+            prev = bytes(after)
         h = self._h
         new = bytes.__new__  # skips BlockKey's length check: a digest is always 16 bytes
         keys: list[BlockKey] = []
@@ -236,9 +243,11 @@ class Keyer:
         cfg = self.cfg
         return Namespace(cfg.model_id, self._fingerprint, cfg.tp_rank, cfg.tp_size, salt, cfg.weights_revision)
 
-    def keys(self, tokens: Any, salt: Any = None, max_blocks: int | None = None) -> list[BlockKey]:
-        """Keys of every full block of `tokens` (at most `max_blocks`)."""
-        return self.hasher.block_keys(tokens, self.block_size, self.namespace(salt), max_blocks)
+    def keys(self, tokens: Any, salt: Any = None, max_blocks: int | None = None,
+             after: bytes | None = None) -> list[BlockKey]:
+        """Keys of every full block of `tokens` (at most `max_blocks`); with `after` (the key of the block
+        before `tokens`), the chain goes on from it."""
+        return self.hasher.block_keys(tokens, self.block_size, self.namespace(salt), max_blocks, after)
 
     def tag(self, salt: Any = None) -> tuple[bytes, dict]:
         """The note a slow tier keeps per block: the namespace's short digest and its description."""

@@ -44,7 +44,7 @@ class LoadJob:
 
     job_id: int
     req_id: str
-    tokens: list[int]          # the request's tokens up to the end of the last block to load
+    keys: list[list[bytes]]    # per tensor-parallel rank, the keys of the job's blocks (no tokens shipped)
     salt: str | None
     start_block: int
     block_ids: list[int]
@@ -60,7 +60,7 @@ class SaveJob:
 
     job_id: int
     req_id: str
-    tokens: list[int]          # up to the end of the last block to save (the keys chain from token 0)
+    keys: list[list[bytes]]    # per tensor-parallel rank, the keys of the job's blocks
     salt: str | None
     first_block: int
     block_ids: list[int]
@@ -95,6 +95,7 @@ class TierCacheWorkerMeta(KVConnectorWorkerMetadata):
 class _Req:
     req: Any                       # vLLM's Request (its token list grows as it decodes)
     keys: list = field(default_factory=list)   # rank 0's block keys, as far as they were needed
+    rank_keys: dict[int, list] = field(default_factory=dict)  # the other ranks' keys, likewise
     block_ids: list[int] = field(default_factory=list)
     saved_blocks: int = 0          # full blocks the workers were asked to save (or that were cached)
     host_blocks: int = 0           # last lookup: blocks of the prefix in host memory ...
@@ -130,6 +131,9 @@ class SchedulerSide:
         self.cfg = cache_config(vllm_config, kv_cache_config)
         self.block_size = self.cfg.layout.block_size
         self.keyer = Keyer(self.cfg)
+        # every rank's keys are hashed here, once per block of a request (each rank has its own namespace)
+        self.keyers = [self.keyer] + [Keyer(cache_config(vllm_config, kv_cache_config, tp_rank=r))
+                                      for r in range(1, self.tp_size)]
         slots = host_slots(self.cfg)
         self.core = BlockManager({"host": slots}, eviction=self.cfg.eviction) if slots else None
         # One read view of the slow tiers per rank (each rank has its own namespace); no memory tier here.
@@ -156,23 +160,31 @@ class SchedulerSide:
             st = self.reqs[request.request_id] = _Req(request)
         return st
 
-    def _keys(self, st: _Req, n: int, salt: str | None) -> list:
-        """Rank 0's keys of the request's first n blocks (hashed once, extended as the request grows)."""
-        if len(st.keys) < n:
-            st.keys = self.keyer.keys(list(st.req.all_token_ids[:n * self.block_size]), salt)
-        return st.keys[:n]
+    def _keys(self, st: _Req, n: int, salt: str | None, rank: int = 0) -> list:
+        """A rank's keys of the request's first n blocks: each block hashed once, the chain extended from
+        the last key as the request grows (dropped with the request)."""
+        keys = st.keys if rank == 0 else st.rank_keys.setdefault(rank, [])
+        have = len(keys)
+        if have < n:
+            B = self.block_size
+            keys += self.keyers[rank].keys(list(st.req.all_token_ids[have * B:n * B]), salt,
+                                           after=keys[-1] if have else None)
+        return keys[:n]
+
+    def _job_keys(self, st: _Req, first: int, end: int, salt: str | None) -> list[list[bytes]]:
+        # plain bytes: what crosses to the worker processes is the metadata's pickle
+        return [[bytes(k) for k in self._keys(st, end, salt, r)[first:end]] for r in range(self.tp_size)]
 
     def _job_id(self) -> int:
         self._next_job += 1
         return self._next_job
 
     # -- lookup ----------------------------------------------------------------------------------
-    def _slow_tiers(self, tokens: list[int], salt: str | None, keys: list, skip: int) -> list[str]:
-        """Serving tier of each block after the first `skip` that every rank's slow tiers hold."""
+    def _slow_tiers(self, st: _Req, n: int, salt: str | None, skip: int) -> list[str]:
+        """Serving tier of each block after the first `skip` (of n) that every rank's slow tiers hold."""
         out: list[str] | None = None
         for rank, view in enumerate(self.views):
-            rank_keys = keys if rank == 0 else view.keys(tokens, salt)
-            tiers = view.core.lookup(rank_keys[skip:])
+            tiers = view.core.lookup(self._keys(st, n, salt, rank)[skip:])
             out = tiers if out is None else out[:len(tiers)]
         return out or []
 
@@ -190,8 +202,7 @@ class SchedulerSide:
             return 0, False
         keys = self._keys(st, limit, salt)
         host = self.core.lookup(keys) if self.core is not None else []
-        slow = self._slow_tiers(list(request.all_token_ids[:limit * B]), salt, keys, len(host)) \
-            if self.views and len(host) < limit else []
+        slow = self._slow_tiers(st, limit, salt, len(host)) if self.views and len(host) < limit else []
         st.host_blocks, st.tiers = len(host), host + slow
         st.lookup_tokens = limit * B - num_computed_tokens
         new = max(0, len(st.tiers) * B - num_computed_tokens)
@@ -241,7 +252,7 @@ class SchedulerSide:
             plans.append((plan, h))
             promote = {h + i: slot for i, dsts in plan.dsts.items() for t, slot in dsts if t == "host"}
         salt = salt_of(request)
-        job = LoadJob(self._job_id(), request.request_id, list(request.all_token_ids[:end * B]), salt, start,
+        job = LoadJob(self._job_id(), request.request_id, self._job_keys(st, start, end, salt), salt, start,
                       block_ids, host_slots, promote, st.is_async)
         tiers = ["host"] * h + st.tiers[start + h:end]
         self.pending[job.job_id] = _Pending(request.request_id, "load", start, plans, len(keys), tiers)
@@ -290,7 +301,7 @@ class SchedulerSide:
                 for plan, _ in plans:  # nothing to copy anywhere
                     self.core.complete_store(plan, [True] * len(keys))
                 continue
-            job = SaveJob(self._job_id(), req_id, list(req.all_token_ids[:full * B]), salt, first,
+            job = SaveJob(self._job_id(), req_id, self._job_keys(st, first, full, salt), salt, first,
                           st.block_ids[first:full], slots, slow)
             self.pending[job.job_id] = _Pending(req_id, "save", first, plans, len(keys))
             meta.saves.append(job)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..keys import Keyer
+from ..keys import BlockKey, Keyer
 from ..manager import TierCache
 from ..tiers.slab import MemorySlab
 from . import vllm_pages
@@ -165,11 +165,19 @@ class WorkerSide:
             out, self._recved = self._recved, set()
         return out
 
+    def _job_keys(self, job: LoadJob | SaveJob, n: int) -> list:
+        """This rank's keys of a job's blocks, hashed by the scheduler (which hashes each block once)."""
+        rank = self.cfg.tp_rank
+        keys = job.keys[rank] if rank < len(job.keys) else []
+        if len(keys) != n:
+            raise ValueError(f"job {job.job_id}: {len(keys)} keys for rank {rank} and {n} blocks")
+        return [BlockKey(k) for k in keys]
+
     def _load(self, job: LoadJob, ok: list[bool], unfilled: set[int]) -> None:
         B = self.layout.block_size
         n = len(job.block_ids)
         try:
-            keys = self.keyer.keys(job.tokens, job.salt)[job.start_block:job.start_block + n]
+            keys = self._job_keys(job, n)
             h = len(job.host_slots)
             if h and self.host is not None:
                 good = [j for j in range(h) if self.slot_keys[job.host_slots[j]] == keys[j]]
@@ -298,9 +306,7 @@ class WorkerSide:
                 host.copy_(blocks, non_blocking=True)
                 torch.cuda.current_stream().synchronize()
                 blocks = host
-            keys = self.keyer.keys(job.tokens, job.salt)[job.first_block:job.first_block + n]
-            if len(keys) != n:
-                raise ValueError(f"save job {job.job_id}: {len(keys)} keys for {n} blocks")
+            keys = self._job_keys(job, n)
             if job.host_slots and self.host is not None:
                 js = sorted(job.host_slots)
                 self._fill_slots([job.host_slots[j] for j in js], [keys[j] for j in js],
