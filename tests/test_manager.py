@@ -404,3 +404,36 @@ def test_publish_false_registers_nothing_and_external_tiers_are_recorded(layout)
         assert reg.get_sample_value("tiercache_loaded_bytes_total", {"tier": "host"}) == layout.block_bytes
     with pytest.raises(ValueError, match="external_tiers"):
         TierCache(cfg, external_tiers=("disk",))
+
+
+def test_scratch_kept_between_loads_serves_each_load_its_own_blocks(make_cache, layout):
+    """Disk blocks with no host slot are decoded into scratch kept between loads (its pages already in):
+    loads from several threads at once, of prompts of different lengths, each get exactly their own KV,
+    and no more than SCRATCH_KEEP buffers are kept."""
+    from tiercache.mover import SCRATCH_KEEP
+    c = make_cache(host_blocks=0)
+    prompts = {i: make_kv(layout, 4 * (i + 2), seed=40 + i) for i in range(5)}
+    for i, kv in prompts.items():
+        c.store(toks(kv.shape[2], start=i * 1000), kv)
+    c.flush()
+    errors = []
+
+    def worker(order):
+        try:
+            for _ in range(8):
+                for i in order:
+                    out = c.load(toks(prompts[i].shape[2], start=i * 1000))
+                    if not same_bytes(out, prompts[i]):
+                        errors.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert 0 < len(c.mover._scratch_free) <= SCRATCH_KEEP
+    for tier, f in c.stats()["in_flight"].items():
+        assert f == {"pinned": 0, "reserved": 0}, tier

@@ -38,6 +38,9 @@ from .tiers.slab import MemorySlab, StagingArea, staging_pool
 # least this long; below it, one copy per row costs more than decoding into scratch and one gather
 # (measured: 64 KiB blocks of 4 KiB rows, 51 us/block in place against about half that via scratch).
 _MIN_IN_PLACE_ROW = 16 << 10
+# Scratch buffers kept between loads (decoded slow blocks with no host slot to land in): at most this
+# many, each at most this big.
+SCRATCH_KEEP, SCRATCH_KEEP_BYTES = 2, 64 << 20
 
 
 def _run_start(idx: torch.Tensor) -> int | None:
@@ -61,6 +64,8 @@ class Mover:
                  pool: pinned.StagingPool | None = None) -> None:
         self._pool = pool
         self._pool_lock = threading.Lock()
+        self._scratch_free: list[torch.Tensor] = []
+        self._scratch_lock = threading.Lock()
         self._on_missing = on_missing or (lambda tier, keys: None)
         self.layout = layout
         self.slabs = slabs
@@ -175,7 +180,7 @@ class Mover:
         if in_place:
             plan.cache["in_place"] = in_place
         if need_scratch:
-            scratch = torch.empty((len(need_scratch), *self.layout.block_shape), dtype=self.layout.dtype)
+            scratch = self._take_scratch(plan, len(need_scratch))
             for j, i in enumerate(need_scratch):
                 targets[i] = scratch[j]
             plan.cache["scratch"] = (scratch, {i: j for j, i in enumerate(need_scratch)})
@@ -195,6 +200,33 @@ class Mover:
         """Block i of `_row_view(kv)` as decode rows: per layer, its planes' contiguous byte ranges."""
         rb = self._row_bytes
         return [[a[l_, p, i * rb:(i + 1) * rb] for p in range(a.shape[1])] for l_ in range(a.shape[0])]
+
+    def _take_scratch(self, plan: LoadPlan, n: int) -> torch.Tensor:
+        """n blocks of scratch for a plan: a kept buffer when one is free and big enough (its pages are
+        faulted in already: a fresh 14 MiB buffer cost ~40 us a 64 KiB block in page faults), else new.
+        Given back by `release_scratch` when the plan is done."""
+        nbytes = n * self.layout.block_bytes
+        buf = None
+        if nbytes <= SCRATCH_KEEP_BYTES:
+            with self._scratch_lock:
+                fits = [k for k, b in enumerate(self._scratch_free) if b.numel() >= nbytes]
+                if fits:  # by index: list.remove would compare tensors with ==, element by element
+                    buf = self._scratch_free.pop(min(fits, key=lambda k: self._scratch_free[k].numel()))
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        plan.cache["scratch_buf"] = buf
+        return buf[:nbytes].view(self.layout.dtype).view(n, *self.layout.block_shape)
+
+    def release_scratch(self, plan: LoadPlan) -> None:
+        """The plan's scratch is no longer read (its gathers and promotions have run): keep it for the next."""
+        buf = plan.cache.pop("scratch_buf", None)
+        if buf is None or buf.numel() > SCRATCH_KEEP_BYTES:
+            return
+        with self._scratch_lock:
+            self._scratch_free.append(buf)
+            if len(self._scratch_free) > SCRATCH_KEEP:
+                sizes = [b.numel() for b in self._scratch_free]
+                self._scratch_free.pop(sizes.index(min(sizes)))
 
     def target_tensor(self, t: Loc | torch.Tensor) -> torch.Tensor:
         return t if isinstance(t, torch.Tensor) else self.tensor(t)

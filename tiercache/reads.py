@@ -137,6 +137,7 @@ class ReadPath:
         finally:
             if reader is not None:
                 reader.__exit__(None, None, None)
+            self.mover.release_scratch(plan)
             jobs += self.core.complete_load(plan, ok)
             self._queue(jobs)
         return plan, ok, out
@@ -252,6 +253,7 @@ class ReadPath:
                     ok = [False] * len(plan)
             if get is not None:
                 reader.__exit__(None, None, None)
+            self.mover.release_scratch(plan)
             jobs += self.core.complete_load(plan, ok)
             self._queue(jobs)
         if all(ok):
