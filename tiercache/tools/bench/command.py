@@ -88,12 +88,11 @@ SECTIONS.append(Section("vllm", "TTFT on vLLM (CPU backend, 8 layers, 2,048-toke
 def duration_note(cfg: BenchConfig) -> str:
     """How long the run takes, from runs measured on this project's 2-core CPU-only VM (benchmarks/README.md)."""
     if cfg == QUICK:
-        known = "this configuration took about 3 minutes"
+        known, extra = "this configuration took about 3 minutes", " (plus the core and ingest sections, added since)"
     elif cfg == replace(FULL, peers=True):
-        known = "this configuration took about 11 minutes"
+        known, extra = "this configuration took about 17 minutes", ""
     else:
-        known = "the quick run took about 3 minutes, --full --peers about 11,"
-    extra = " (plus the core section, added since)" if SECTIONS else ""
+        known, extra = "the quick run took about 3 minutes, --full --peers about 17,", ""
     return (f"[bench] {known} on a 2-core CPU-only VM{extra}; it keeps the CPUs busy and each round logs "
             "the time left")
 
