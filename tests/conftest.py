@@ -158,3 +158,21 @@ def stored_frame(path, key: bytes) -> bytes:
     got: list[bytes] = []
     rewrite_frame(path, key, lambda f: got.append(bytes(f)) or f)
     return got[0]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small real tmpfs mount, or skip where mounting is not permitted."""
+    made = []
+
+    def mount(size: str):
+        d = tmp_path / f"mnt-{len(made)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        made.append(d)
+        return d
+    yield mount
+    for d in reversed(made):
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

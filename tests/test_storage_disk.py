@@ -75,24 +75,6 @@ CHILD_PRELUDE = """
 """
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small real tmpfs mount, or skip where mounting is not permitted."""
-    made = []
-
-    def mount(size: str):
-        d = tmp_path / f"mnt-{len(made)}"
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        made.append(d)
-        return d
-    yield mount
-    for d in reversed(made):
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
 def _log_lines(caplog, needle: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
 
