@@ -857,3 +857,12 @@ def test_a_store_removed_and_made_again_in_this_process_writes_files(tmp_path):
         assert len(files_on_disk(path)) == 4 and not rec.snapshot()["errors"].get("disk")
         disk.close()
         shutil.rmtree(path)
+
+
+def test_consume_drops_what_a_vectored_call_moved():
+    """After a short preadv/writev, the buffers still to move are exactly the unmoved bytes, in order."""
+    data = [bytes(range(i, i + 5)) for i in (0, 10, 20)]
+    for n in range(16):
+        views = [memoryview(d) for d in data]
+        frame_files._consume(views, n)
+        assert b"".join(bytes(v) for v in views) == b"".join(data)[n:], n

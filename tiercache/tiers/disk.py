@@ -41,7 +41,7 @@ from ..config import KVLayout
 from ..errors import LayoutMismatch, OnceLogger
 from ..keys import BlockKey
 from . import frame_files, lmdb_env
-from .disk_schema import DBS, Schema, charged_bytes
+from .disk_schema import DBS, Schema, charged_bytes, meta_charged
 from .frame_files import FileFrame, FrameFiles, frame_len, joined, parse_pointer, pointer
 from .lmdb_env import DIR_MODE, describe_error
 
@@ -61,6 +61,7 @@ class DiskTier:
                  _strict: bool = False, _lock: bool = True,
                  file_min_bytes: int | None = frame_files.FILE_MIN_BYTES) -> None:
         self.path = os.fspath(path)
+        self._real_path = os.path.realpath(self.path)
         # frames of at least this many bytes are written to files of their own (None: all in LMDB)
         self.file_min_bytes = file_min_bytes
         self._stale: list[tuple[BlockKey, int]] = []  # rows whose file is gone: deleted by the next write
@@ -98,7 +99,7 @@ class DiskTier:
     @property
     def _files(self) -> FrameFiles:
         """This process's FrameFiles of the store (shared by every DiskTier on the path; new after fork)."""
-        return frame_files.shared(self.path)
+        return frame_files.shared(self._real_path, real=True)
 
     # -- open / state ----------------------------------------------------------------------
     def _open(self) -> None:
@@ -679,7 +680,7 @@ class DiskTier:
                     continue
                 paths.append(self._files.path(k, ptr[1]))
                 m = txn.get(k, db=meta)
-                freed += struct.unpack_from("<QQ", m)[1] if m is not None else 0
+                freed += meta_charged(m) if m is not None else 0
                 if freed >= need:
                     break
         self._files.unlink_now(paths)

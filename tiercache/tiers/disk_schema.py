@@ -35,6 +35,11 @@ NS_ROW_BYTES = 512    # what one namespace row costs against disk_bytes
 INLINE_MAX = 2000  # LMDB keeps values up to about half a page inside the leaf page
 
 
+def meta_charged(meta: bytes | memoryview) -> int:
+    """The bytes a block's meta row says it is charged."""
+    return _META.unpack(meta)[1]
+
+
 def charged_bytes(frame_len: int) -> int:
     """What a frame costs against disk_bytes: its overflow pages (or inline size) plus index entries."""
     if frame_len <= INLINE_MAX:
@@ -179,7 +184,7 @@ class Schema:
             for idx in cur.iternext(keys=True, values=False):
                 victims.append(bytes(idx[8:]))
                 meta = txn.get(victims[-1], db=meta_db)
-                freed += _META.unpack(meta)[1] if meta else 0
+                freed += meta_charged(meta) if meta else 0
                 if freed >= need or len(victims) >= max_victims:
                     break
         freed = 0

@@ -53,6 +53,23 @@ MAX_DEFERRED = 4096  # unlinks held back for this process's readers; past this t
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
+_IOV_MAX = 1024  # buffers per preadv/writev call
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first n bytes from a list of buffers (after a vectored read or write moved them); a
+    buffer cut short keeps its rest."""
+    done = 0
+    while n and done < len(views):
+        if n >= len(views[done]):
+            n -= len(views[done])
+            done += 1
+        else:
+            views[done] = views[done][n:]
+            n = 0
+    del views[:done]
+
+
 def pointer(frame_len: int, fid: int) -> bytes:
     return PTR.pack(PTR_MAGIC, frame_len, fid)
 
@@ -107,17 +124,11 @@ class FileFrame:
         fd = os.open(self.path, os.O_RDONLY | _O_CLOEXEC)
         try:
             while views:
-                got = os.preadv(fd, views[:1024], offset)  # IOV_MAX
+                got = os.preadv(fd, views[:_IOV_MAX], offset)
                 if got <= 0:
                     raise CorruptFrame(f"frame file {self.path} is shorter than its recorded length")
                 offset += got
-                while got and views:
-                    if got >= len(views[0]):
-                        got -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][got:]
-                        got = 0
+                _consume(views, got)
         finally:
             os.close(fd)
 
@@ -141,8 +152,8 @@ class FrameFiles:
         self._made: set[str] = set()
 
     def path(self, key: bytes, fid: int) -> str:
-        h = bytes(key).hex()
-        return os.path.join(self.root, h[:2], f"{h}.{fid:016x}")
+        name = file_name(key, fid)
+        return os.path.join(self.root, name[:2], name)
 
     # -- writes ------------------------------------------------------------------------------
     def write(self, key: bytes, frame: Any) -> int:
@@ -163,16 +174,10 @@ class FrameFiles:
             fd = os.open(path, flags, FILE_MODE)
         try:
             while parts:
-                n = os.writev(fd, parts[:1024])  # IOV_MAX
+                n = os.writev(fd, parts[:_IOV_MAX])
                 if n <= 0:
                     raise OSError(errno.EIO, f"writev wrote nothing to {path}")
-                while n and parts:  # drop what was written; keep the rest of a part cut short
-                    if n >= len(parts[0]):
-                        n -= len(parts[0])
-                        parts.pop(0)
-                    else:
-                        parts[0] = parts[0][n:]
-                        n = 0
+                _consume(parts, n)
         except BaseException:
             os.close(fd)
             self._remove(path)
@@ -269,10 +274,11 @@ _SHARED: dict[str, FrameFiles] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared(path: str) -> FrameFiles:
+def shared(path: str, real: bool = False) -> FrameFiles:
     """The FrameFiles of the store at `path` for this process (one per real path: the reader count that
-    holds unlinks back must see every reader of the store in this process)."""
-    real = os.path.realpath(path)
+    holds unlinks back must see every reader of the store in this process). `real`: `path` is already
+    os.path.realpath'd (the disk tier resolves it once, not per block)."""
+    real = path if real else os.path.realpath(path)
     with _SHARED_LOCK:
         got = _SHARED.get(real)
         if got is None:
