@@ -130,10 +130,9 @@ class SchedulerSide:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.cfg = cache_config(vllm_config, kv_cache_config)
         self.block_size = self.cfg.layout.block_size
-        self.keyer = Keyer(self.cfg)
         # every rank's keys are hashed here, once per block of a request (each rank has its own namespace)
-        self.keyers = [self.keyer] + [Keyer(cache_config(vllm_config, kv_cache_config, tp_rank=r))
-                                      for r in range(1, self.tp_size)]
+        self.keyers = [Keyer(self.cfg)] + [Keyer(cache_config(vllm_config, kv_cache_config, tp_rank=r))
+                                           for r in range(1, self.tp_size)]
         slots = host_slots(self.cfg)
         self.core = BlockManager({"host": slots}, eviction=self.cfg.eviction) if slots else None
         # One read view of the slow tiers per rank (each rank has its own namespace); no memory tier here.

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..keys import BlockKey, Keyer
+from ..keys import BlockKey
 from ..manager import TierCache
 from ..tiers.slab import MemorySlab
 from . import vllm_pages
@@ -60,7 +60,6 @@ class WorkerSide:
         self.layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
         self.cfg = cache_config(vllm_config, kv_cache_config, tp_rank=_tp_rank())
         self.layout = self.cfg.layout
-        self.keyer = Keyer(self.cfg)
         n = host_slots(self.cfg)
         self.host = MemorySlab("host", self.layout, n, torch.device("cpu"), pin=torch.cuda.is_available()) \
             if n else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -190,8 +191,6 @@ def measure_footprint(cfg: BenchConfig, workdir: str, log: Callable[[str], None]
 def decode_per_core(cache: object, tokens: np.ndarray) -> float:
     """GB/s (decoded bytes) of the cache's codec verifying and decoding its stored frames on one core: the
     frames are read into memory first (outside the clock); best of three passes."""
-    import time
-
     keys = cache.keys(tokens)
     bb = cache.layout.block_bytes
     frames = []
@@ -220,8 +219,6 @@ def measure_ingest(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     paced rates (multiples of the sustained rate) and back to back (a store call cannot go faster than
     its own copy, so the offered rate is measured too); a write is dropped when the queue is full.
     Every block that was written is loaded back and compared (outside the clocks)."""
-    import time
-
     from tiercache.manager import TierCache
 
     layout = cfg.layout
