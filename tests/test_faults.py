@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from tiercache import CacheConfig, KVLayout, TierCache
-from tiercache.codec import BlockCodec
+from tiercache.codec import CODEC_BYTEPLANE, CODEC_OFFSET, BlockCodec
+
+from .conftest import rewrite_frame, stored_frame
 
 pytestmark = pytest.mark.usefixtures("frame_home")  # frames in LMDB, and in files
 
@@ -212,3 +214,86 @@ def test_a_store_in_groups_interrupted_between_groups(tmp_path, monkeypatch, exc
         out = cache.load(p)
         assert out.shape[2] == len(p) and torch.equal(out.view(torch.uint8), kv_for(p).view(torch.uint8))
         assert cache.stats()["blocks"]["disk"] == 10
+
+
+def _loads(cache: TierCache, p: list[int]) -> list[torch.Tensor]:
+    """The prefix of `p` through every whole-prefix read: token-major (allocated and into `out`), block-major
+    (back to [L, planes, T, H, D] for comparison) and layer-wise."""
+    keys = cache.keys(p)
+    bm = cache.load_keys(keys, block_major=True)
+    return [cache.load(p), cache.load(p, out=torch.empty(L.kv_shape(len(p)), dtype=L.dtype)),
+            bm.permute(1, 2, 0, 3, 4, 5).flatten(2, 3), cache.load_layers(p).wait()]
+
+
+@pytest.mark.parametrize("exc", [Boom("decode"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"])
+def test_uncompressed_frames_decoded_by_the_caller_under_faults(tmp_path, monkeypatch, frame_home, exc):
+    """Uncompressed frames held in memory (LMDB values) are decoded by the calling thread, not the pool
+    (a memcpy and a checksum each: a pool hop costs more); frames in files still go to the pool. A fault
+    in one of those decodes: nothing wrong is served, nothing stays pinned, later loads are exact."""
+    import threading
+    ps = prompts(3, 32)
+    rng = random.Random(5)
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", io_threads=2) as cache:
+        for p in ps:
+            cache.store(p, kv_for(p))
+        cache.flush()
+        real, threads = BlockCodec.decode_into, set()
+
+        def spy(self, frame, out, layers=None, *, key):
+            threads.add(threading.get_ident())
+            return real(self, frame, out, layers, key=key)
+        monkeypatch.setattr(BlockCodec, "decode_into", spy)
+        cache.load(ps[0])
+        main = {threading.get_ident()}
+        assert threads == main if frame_home == "lmdb" else not threads & main, threads
+        for _ in range(8):
+            with monkeypatch.context() as m:
+                m.setattr(BlockCodec, "decode_into", Trigger(spy, exc, rng, max_k=8))
+                p = rng.choice(ps)
+                try:
+                    outs = _loads(cache, p)
+                except (Boom, KeyboardInterrupt):
+                    continue
+                except Exception as e:  # a layer-wise load fails closed
+                    assert type(e).__name__ == "KVUnavailable", repr(e)
+                    continue
+                for out in outs:
+                    assert torch.equal(out.view(torch.uint8), kv_for(p)[:, :, :out.shape[2]].view(torch.uint8))
+        assert_idle(cache)
+        for p in ps:
+            for out in _loads(cache, p):
+                assert torch.equal(out.view(torch.uint8), kv_for(p).view(torch.uint8))
+        assert cache.stats()["corrupt_blocks"]["disk"] == 0
+
+
+@pytest.mark.parametrize("damage", ["payload byte", "codec byte", "another block's frame"])
+def test_damaged_uncompressed_frame_is_a_counted_miss_in_every_read(tmp_path, frame_home, damage):
+    """A damaged uncompressed frame (decoded inline when in LMDB, by the pool when in a file) is caught by
+    its checksums in token-major, block-major and layer-wise reads: the load stops before it, it is
+    counted and deleted, and the blocks before it stay served exactly."""
+    p = prompts(1, 32)[0]  # 8 blocks
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none") as cache:
+        cache.store(p, kv_for(p))
+        cache.flush()
+        keys = cache.keys(p)
+    other = stored_frame(tmp_path / "store", bytes(keys[6]))
+
+    def change(f: bytearray) -> bytearray:
+        if damage == "payload byte":
+            f[-5] ^= 0x10
+        elif damage == "codec byte":
+            f[CODEC_OFFSET] = CODEC_BYTEPLANE
+        else:
+            f[:] = other
+        return f
+    rewrite_frame(tmp_path / "store", bytes(keys[5]), change)
+    for read in range(4):
+        with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none") as cache:
+            out = [cache.load(p), cache.load(p, out=torch.empty(L.kv_shape(len(p)), dtype=L.dtype)),
+                   cache.load_keys(keys, block_major=True).permute(1, 2, 0, 3, 4, 5).flatten(2, 3),
+                   ][read] if read < 3 else cache.load_layers(p, num_tokens=20).wait()
+            assert out.shape[2] == 20  # blocks 0-4 of 8
+            assert torch.equal(out.view(torch.uint8), kv_for(p)[:, :, :20].view(torch.uint8))
+            assert cache.stats()["corrupt_blocks"]["disk"] == (1 if read == 0 else 0)
+            assert cache.lookup(p) == 20  # deleted as corrupt: a miss from then on
+            assert_idle(cache)

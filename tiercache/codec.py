@@ -52,6 +52,7 @@ FORMAT_VERSION = 2  # 2: frames carry their key; segment checksums seeded by key
 CODEC_NONE, CODEC_ZSTD, CODEC_BYTEPLANE = 0, 1, 2
 CODEC_NAMES = {CODEC_NONE: "none", CODEC_ZSTD: "zstd", CODEC_BYTEPLANE: "byteplane"}
 _HEAD = struct.Struct("<4sBBBBQQQ16sII")
+CODEC_OFFSET = 5  # the header byte naming the codec (after magic and version)
 KEY_LEN = 16
 _SEED_MASK = (1 << 64) - 1
 _PAYLOAD_LEN = struct.Struct("<Q")
