@@ -628,6 +628,29 @@ def test_an_unwritable_directory_is_served_read_only_or_turned_off(tmp_path):
 
 # -- compression="auto": measured once per store, recorded there, reported ------------------------
 
+def test_auto_compression_rule_and_the_figures_it_is_decided_on(tmp_path, monkeypatch):
+    """Byteplane while read / ratio < the decode rate of the load's threads on this store's segment size,
+    else none; the figures are measured at that segment size and on that many threads together."""
+    from tiercache.tiers import disk_probe
+    small = KVLayout(num_layers=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)   # 64 KiB
+    large = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=64)  # 256 KiB
+    assert disk_probe.segment_bytes_of(small) == small.block_bytes  # one segment: below MIN_SEGMENT_BYTES a layer
+    assert disk_probe.segment_bytes_of(large) == large.block_bytes // 4
+    got = disk_probe.measure_decode(64 << 10, threads=2)
+    assert got["segment_bytes"] == 64 << 10 and got["decode_threads"] == min(2, disk_probe.cores())
+    assert got["decode_gbps"] > 0 and got["decode_gbps_per_core"] > 0 and got["ratio"] > 1.0
+    assert disk_probe.measure_decode(64 << 10, threads=2) is got  # measured once per process
+
+    fig = {"decode_gbps_per_core": 1.0, "decode_gbps": 1.5, "decode_threads": 2, "segment_bytes": 64 << 10,
+           "ratio": 1.5}
+    monkeypatch.setattr(disk_probe, "measure_decode", lambda *_a: fig)
+    for read, want in ((2.0, "byteplane"), (2.3, "none"), (None, "byteplane")):
+        monkeypatch.setattr(disk_probe, "measure_read", lambda _d, r=read: r)
+        d = disk_probe.decide(str(tmp_path), 64 << 10, 2)
+        assert d["chosen"] == want and d["decode_gbps"] == 1.5 and d["read_gbps"] == read, d
+        assert ("decode 1.50 GB/s (2 thread(s), 64 KiB segments)" in d["why"]) == (read is not None), d["why"]
+
+
 def test_auto_compression_is_measured_once_recorded_and_reused(tmp_path, monkeypatch):
     from tiercache.tiers import disk_probe
     disk, _ = open_disk(tmp_path)
@@ -636,11 +659,12 @@ def test_auto_compression_is_measured_once_recorded_and_reused(tmp_path, monkeyp
     rec = disk.recorded_codec()
     assert chosen == rec["chosen"] in ("byteplane", "none") and disk.codec_choice["chosen"] == chosen
     assert rec["decode_gbps_per_core"] > 0 and rec["ratio"] > 1.0 and rec["cores"] >= 1
+    assert rec["segment_bytes"] == disk_probe.segment_bytes_of(disk.layout) and rec["decode_threads"] == 1
     assert rec["read_gbps"] is None or rec["read_gbps"] > 0
     assert not os.path.exists(tmp_path / disk_probe.PROBE_FILE)  # the read probe's file is gone
     disk.close()
 
-    def no_probe(_path):
+    def no_probe(*_a):
         raise AssertionError("a store that recorded its choice is not measured again")
     monkeypatch.setattr(disk_probe, "decide", no_probe)
     disk, _ = open_disk(tmp_path)
@@ -652,13 +676,16 @@ def test_auto_compression_is_measured_once_recorded_and_reused(tmp_path, monkeyp
     from tiercache.tools.inspect_store import render, summarize
     s = summarize(str(tmp_path))
     assert s["disk_codec"] == rec and f"auto codec   {chosen}" in render(s)
+    assert f"on 1 thread(s) ({rec['decode_gbps_per_core']:.2f} on one; {rec['segment_bytes'] >> 10} KiB" in render(s)
+    old = {k: v for k, v in rec.items() if k not in ("decode_gbps", "decode_threads", "segment_bytes")}
+    assert "per core x" in render({**s, "disk_codec": old})  # a record from before: still shown
 
 
 def test_auto_compression_first_record_wins(tmp_path, monkeypatch):
     from tiercache.tiers import disk_probe
     a, _ = open_disk(tmp_path)
     b, _ = open_disk(tmp_path)  # another user of the store (same process: shared environment)
-    monkeypatch.setattr(disk_probe, "decide", lambda _p: {"chosen": "none", "why": "first"})
+    monkeypatch.setattr(disk_probe, "decide", lambda *_a: {"chosen": "none", "why": "first"})
     assert a.compression_for("auto") == "none"
     b._record_codec({"chosen": "byteplane", "why": "second"})  # raced and lost
     assert b.compression_for("auto") == "none" and b.recorded_codec()["why"] == "first"
@@ -671,7 +698,7 @@ def test_frames_of_both_codecs_in_one_store_load_bit_exact(tmp_path, monkeypatch
     from tiercache import CacheConfig, TierCache
     from tiercache.tiers import disk_probe
     lay = KVLayout(num_layers=2, num_kv_heads=8, head_dim=64, dtype=torch.bfloat16, block_size=16)
-    monkeypatch.setattr(disk_probe, "decide", lambda _p: {"chosen": first, "why": "test"})
+    monkeypatch.setattr(disk_probe, "decide", lambda *_a: {"chosen": first, "why": "test"})
     second = "byteplane" if first == "none" else "none"
 
     def kv(i):

@@ -87,7 +87,7 @@ class TierCache:
             self.remote = _open_remote(RemoteTier, cfg, self._log, self.recorder)
         self.tiers = tuple(t for t in tiers if t not in ("disk", "remote") or getattr(self, t) is not None)
         self.codec = BlockCodec(layout.fingerprint(), layout.itemsize, layout.num_layers,
-                                _disk_compression(self.disk, cfg.compression), cfg.zstd_level)
+                                _disk_compression(self.disk, cfg.compression, cfg.io_threads), cfg.zstd_level)
         cuda = torch.cuda.is_available()
         self.slabs = {t: MemorySlab(t, layout, slots[t], cfg.device if t == "device" else torch.device("cpu"),
                                     pin=cuda and t == "host") for t in ("device", "host") if slots[t]}
@@ -412,9 +412,10 @@ class TierCache:
         return out
 
 
-def _disk_compression(disk: Any, configured: str) -> str:
-    """compression="auto" resolved by the disk tier (measured once per store and recorded there)."""
-    return disk.compression_for(configured) if hasattr(disk, "compression_for") else configured
+def _disk_compression(disk: Any, configured: str, threads: int) -> str:
+    """compression="auto" resolved by the disk tier (measured once per store, decoding on as many threads as
+    loads do, and recorded there)."""
+    return disk.compression_for(configured, threads) if hasattr(disk, "compression_for") else configured
 
 
 def _open_disk(cls: Any, cfg: CacheConfig, layout: Any, log: OnceLogger, recorder: Recorder) -> Any:

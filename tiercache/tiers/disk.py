@@ -221,7 +221,7 @@ class DiskTier:
             if fmt != FORMAT and not self.readonly:
                 txn.put(b"format", FORMAT, db=info)  # from now on it may hold frame files
 
-    def compression_for(self, configured: str) -> str:
+    def compression_for(self, configured: str, threads: int = 1) -> str:
         """The compression frames for this store are written with: `configured`, or under "auto" the choice
         recorded in the store (measured and recorded by the first writable open that asks; see disk_probe).
 
@@ -231,7 +231,7 @@ class DiskTier:
         if configured == "auto" and record is None and self._state() is not None and not self.readonly:
             from . import disk_probe
             try:
-                measured = disk_probe.decide(self.path)
+                measured = disk_probe.decide(self.path, disk_probe.segment_bytes_of(self.layout), threads)
             except Exception as e:  # a probe that fails must not cost the tier: keep compressing
                 measured = {"chosen": "byteplane", "why": f"the probe failed ({e}): disk space is kept"}
             record = self._record_codec(measured)

@@ -81,9 +81,15 @@ def _fmt_codec(c: dict | None) -> str:
     if not c:
         return "not measured (no cache with compression=\"auto\" has written here)"
     read = c.get("read_gbps")
-    figures = (f"decode {c['decode_gbps_per_core']:.2f} GB/s per core x {c.get('cores')} cores, "
-               f"disk read {'?' if read is None else f'{read:.2f}'} GB/s, ratio {c['ratio']:.2f}x; "
-               if "decode_gbps_per_core" in c else "")
+    if "decode_gbps" in c:  # measured on the store's segment size, by as many threads as loads use
+        decode = (f"decode {c['decode_gbps']:.2f} GB/s on {c['decode_threads']} thread(s) "
+                  f"({c['decode_gbps_per_core']:.2f} on one; {c['segment_bytes'] >> 10} KiB segments), ")
+    elif "decode_gbps_per_core" in c:  # recorded by an older version
+        decode = f"decode {c['decode_gbps_per_core']:.2f} GB/s per core x {c.get('cores')} cores, "
+    else:
+        decode = None
+    figures = (f"{decode}disk read {'?' if read is None else f'{read:.2f}'} GB/s, ratio {c['ratio']:.2f}x; "
+               if decode else "")
     return f"{c['chosen']} ({figures}{c.get('why', '')})"
 
 
