@@ -238,6 +238,27 @@ def _frame_file(tmp_path, frame: bytes, name: str = "frame"):
 SIZES = {"one-segment": 8 << 10, "per-layer": None}     # per-layer: MIN_SEGMENT_BYTES per layer
 
 
+@pytest.fixture(params=[None, 1000, 100_000], ids=["one-read", "pieces-1000B", "pieces-100000B"])
+def file_reads(request, monkeypatch):
+    """Compressed frame files read in one read, or (above codec._OVERLAP_READ_BYTES) with a read-ahead
+    hint and then in pieces just before their segments decode: pieces that end with a segment (1000 B)
+    and pieces that end inside the next one (100000 B, segments of 64 KiB). Returns the willneed calls."""
+    from tiercache import codec
+    from tiercache.tiers.frame_files import FileFrame
+    calls = []
+    if request.param is not None:
+        monkeypatch.setattr(codec, "_OVERLAP_READ_BYTES", request.param)
+        real = FileFrame.willneed
+
+        def spy(self, offset, length):
+            calls.append((offset, length))
+            return real(self, offset, length)
+        monkeypatch.setattr(FileFrame, "willneed", spy)
+    else:
+        monkeypatch.setattr(codec, "_OVERLAP_READ_BYTES", 1 << 40)
+    return calls
+
+
 def _layer_bytes(size):
     from tiercache.codec import MIN_SEGMENT_BYTES
     return SIZES[size] or MIN_SEGMENT_BYTES
@@ -245,7 +266,7 @@ def _layer_bytes(size):
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("compression", ["none", "zstd", "byteplane"])
-def test_file_frame_decodes_bit_exact(tmp_path, compression, size):
+def test_file_frame_decodes_bit_exact(tmp_path, compression, size, file_reads):
     from tiercache.codec import frame_segments
     lb = _layer_bytes(size)
     raw = _kv_bytes(lb)
@@ -264,6 +285,12 @@ def test_file_frame_decodes_bit_exact(tmp_path, compression, size):
     out = np.full(len(raw), 0xA5, dtype=np.uint8)
     c.decode_into(ff, out, key=K)                            # the whole block
     assert np.array_equal(out, raw)
+    from tiercache import codec as codec_mod
+    if compression != "none" and len(frame) > codec_mod._OVERLAP_READ_BYTES:
+        payload = codec_mod.HEADER_BYTES + nseg * codec_mod._ENTRY.size  # the header and table are read first
+        assert file_reads == [(payload, len(frame) - payload)], file_reads  # the whole payload hinted, once
+    else:
+        assert not file_reads                                # one read: no hint
 
     for i in range(4):                                       # every single layer, into its place only
         out = np.full(len(raw), 0xA5, dtype=np.uint8)
@@ -304,7 +331,7 @@ def _rows_target(lb: int, layers: int = 4):
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("compression", ["none", "zstd", "byteplane"])
-def test_file_frame_decodes_into_rows(tmp_path, compression, size):
+def test_file_frame_decodes_into_rows(tmp_path, compression, size, file_reads):
     lb = _layer_bytes(size)
     raw = _kv_bytes(lb, seed=3)
     c = BlockCodec("fp-file", 2, 4, compression)
@@ -337,7 +364,7 @@ def test_file_frame_decodes_into_rows(tmp_path, compression, size):
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("compression", ["none", "zstd", "byteplane"])
-def test_damaged_frame_file_raises_corrupt_frame(tmp_path, compression, size):
+def test_damaged_frame_file_raises_corrupt_frame(tmp_path, compression, size, file_reads):
     from tiercache.tiers.frame_files import FileFrame
     lb = _layer_bytes(size)
     raw = _kv_bytes(lb, seed=5)
@@ -407,3 +434,13 @@ def test_file_frame_decode_layer_into(tmp_path):
         assert np.array_equal(out, raw[i * MIN_SEGMENT_BYTES:(i + 1) * MIN_SEGMENT_BYTES])
     with pytest.raises(IndexError):
         c.decode_layer_into(ff, 4, np.empty(MIN_SEGMENT_BYTES, dtype=np.uint8), key=K)
+
+
+def test_read_ahead_hint_on_a_missing_file_is_ignored(tmp_path):
+    """willneed is a hint: a frame file removed under the reader raises nothing there (the read after it
+    reports the miss)."""
+    from tiercache.tiers.frame_files import FileFrame
+    ff = FileFrame(str(tmp_path / "gone"), 1 << 20)
+    assert ff.willneed(0, 1 << 20) is None
+    with pytest.raises(OSError):
+        ff.readinto(memoryview(bytearray(16)), 0)

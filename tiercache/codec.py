@@ -64,6 +64,9 @@ _ENTRY = struct.Struct("<IQ")
 # decode overhead (measured: 64 KiB blocks of 8 KiB layers decoded at 0.78 GB/s).
 MIN_SEGMENT_BYTES = 64 << 10
 _READ_BUFFER_MAX = 64 << 20  # per decode thread, kept for the next read
+# Compressed reads from a file larger than this are read in pieces of at least this size, each just
+# before the segments in it are decoded, with the kernel reading ahead (overlaps reading and decoding)
+_OVERLAP_READ_BYTES = 2 << 20
 _FAST_PLANE_PARAMS = zstandard.ZstdCompressionParameters(
     window_log=19, hash_log=8, chain_log=8, search_log=1, min_match=7, target_length=0,
     strategy=zstandard.STRATEGY_FAST)
@@ -314,7 +317,7 @@ class BlockCodec:
         offsets = [HEADER_BYTES + _ENTRY.size * len(entries)]
         for n, _ in entries[:-1]:
             offsets.append(offsets[-1] + n)
-        body, base = src, 0
+        body, base, unread = src, 0, len(src)  # unread: where the bytes in `body` end (in frame offsets)
         if not isinstance(src, memoryview):  # in place: read the wanted segments
             first, last = wanted[0], wanted[-1]
             if wanted != list(range(first, last + 1)):
@@ -327,11 +330,23 @@ class BlockCodec:
                 body = None
             else:
                 body, base = self._read_buffer(stop - start), start
-                src.readinto(body, start)
+                if stop - start > _OVERLAP_READ_BYTES and hasattr(src, "willneed"):
+                    # compressed and large: the kernel reads the rest ahead while the first segments are
+                    # decoded, then each segment is read (from the page cache, mostly) just before its
+                    # decode, so reading and decoding overlap in this thread
+                    src.willneed(start, stop - start)
+                    unread = start
+                else:
+                    src.readinto(body, start)
+                    unread = stop
         for i in wanted:
             n, seg_sum = entries[i]
             pieces = rows[i]
             if body is not None:
+                if offsets[i] + n > unread:  # read on as far as this segment, at least _OVERLAP_READ_BYTES
+                    upto = min(stop, max(offsets[i] + n, unread + _OVERLAP_READ_BYTES))
+                    src.readinto(body[unread - base:upto - base], unread)
+                    unread = upto
                 seg = body[offsets[i] - base:offsets[i] - base + n]
                 self._decode_segment(codec, seg, pieces[0] if len(pieces) == 1 else pieces)
             if len(pieces) == 1:

@@ -132,6 +132,20 @@ class FileFrame:
         finally:
             os.close(fd)
 
+    def willneed(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading [offset, offset + length) into the page cache now, in the
+        background (a hint: errors are ignored; the reads that follow report them)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
+
     def read_all(self) -> memoryview:
         out = memoryview(np.empty(self.size, dtype=np.uint8))
         self.readinto(out, 0)
