@@ -66,7 +66,9 @@ def test_footprint_lookup_and_scale(tiny_run):
     assert set(fp) == {"realistic bf16", "uniform random bytes"}
     for r in fp.values():
         assert r["verified"] is True
-        assert _finite_positive(r["ratio"], r["frame_ratio"], r["disk_bytes"], r["raw_bytes"])
+        assert _finite_positive(r["ratio"], r["frame_ratio"], r["disk_bytes"], r["raw_bytes"],
+                                r["decode_gbps_per_core"], r["decode_gbps_threads"])
+        assert r["decode_threads"] >= 1
     # the codec stores incompressible planes raw, and the realistic data does compress
     assert fp["uniform random bytes"]["frame_ratio"] >= 1.0
     assert fp["realistic bf16"]["frame_ratio"] < 1.0
@@ -128,6 +130,8 @@ def test_goals_without_peers(tiny_run):
         bound = min(rows[f"raw file read, {temp}"]["median"] / fp["frame_ratio"],
                     result["machine"]["cores"] * fp["decode_gbps_per_core"])
         assert g["value"] == pytest.approx(rows[f"disk load, {temp}, byteplane"]["median"] / bound)
+        assert f"measured on {fp['decode_threads']} threads at once: {fp['decode_gbps_threads']:.2f}" in \
+            g["measured_on"]
 
 
 def test_goals_against_lmcache_rows(tiny_run):

@@ -59,10 +59,12 @@ def _decode_bound(result: dict, rows: dict, temp: str) -> tuple[float, str] | No
     decode_bound = cores * fp["decode_gbps_per_core"]
     bound = min(read_bound, decode_bound)
     which = "reading" if read_bound <= decode_bound else "decoding"
+    together = (f"; measured on {fp['decode_threads']} threads at once: {fp['decode_gbps_threads']:.2f}"
+                if fp.get("decode_gbps_threads") else "")
     return ours["median"] / bound, (f"{ours['median']:.2f} vs {bound:.2f} GB/s ({which} bound: raw read "
                                     f"{raw['median']:.2f} GB/s x ratio {ratio:.2f} = {read_bound:.2f}; {cores} "
                                     f"cores x decode {fp['decode_gbps_per_core']:.2f} GB/s per core = "
-                                    f"{decode_bound:.2f})")
+                                    f"{decode_bound:.2f}{together})")
 
 
 def _lookup_vs_lmcache(result: dict) -> tuple[float, str] | None:

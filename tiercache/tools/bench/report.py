@@ -145,11 +145,13 @@ def _e2e(result: dict) -> list[str]:
 
 def render_markdown(result: dict) -> str:
     lines = _header(result) + [""] + _throughput(result)
-    lines += ["", "## Disk footprint", "", "| data | disk bytes per raw byte (store allocated) | "
-              "frame bytes per raw byte | verified |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Disk footprint (byteplane)", "", "| data | disk bytes per raw byte (store allocated) | "
+              "frame bytes per raw byte | decode GB/s, one core | decode GB/s, threads at once | verified |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in result["footprint"]:
+        together = f"{r['decode_gbps_threads']:.2f} ({r['decode_threads']})" if r.get("decode_gbps_threads") else "—"
         lines.append(f"| {r['data']} | {r['ratio']:.3f} | {r['frame_ratio']:.3f} | "
-                     f"{'yes' if r['verified'] else 'NO'} |")
+                     f"{r.get('decode_gbps_per_core') or 0:.2f} | {together} | {'yes' if r['verified'] else 'NO'} |")
     lines += [""] + _lookup(result) + [""] + _e2e(result)
     lines += ["", f"## Scale ({SCALE_LAYOUT.fingerprint()}, {SCALE_CALL_BLOCKS} blocks a call)", "",
               "| tier | op | blocks stored | µs per block, median (min–max) | ratio to the smallest store |",
