@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
+from .codec import CODEC_NONE
 from .core.plans import WriteJob
 from .errors import OnceLogger
 from .tiers.frame_files import frame_len, joined
 
 _BATCH = 64
+_PARALLEL_ENCODE_BYTES = 64 << 10  # blocks smaller than this are encoded by the writer thread itself
 
 
 class EvictionGate:
@@ -186,6 +188,15 @@ class WriteBehind:
                 self.recorder.dropped_write(d)
         self._done(job, results)
 
+    def _parallel_encode(self, jobs: list[WriteJob]) -> bool:
+        """Encode on the pool only where it pays: several blocks to compress, each big enough that zstd
+        (which runs without the GIL) outlasts a pool hop. Raw frames are views, and small blocks cost
+        less to encode than to hand over (512 B blocks: ~70 us a block with the pool, measured)."""
+        if len(jobs) < 2 or self.codec.codec == CODEC_NONE:
+            return False
+        src = self._source(jobs[0])
+        return src.numel() * src.element_size() >= _PARALLEL_ENCODE_BYTES
+
     def _encode(self, job: WriteJob) -> list:
         """The job's frame as buffers (views of its source where a segment is stored raw): the disk tier
         writes them with one writev, without joining them first. The source stays valid until the
@@ -211,7 +222,8 @@ class WriteBehind:
         todo = [j for j in jobs if any(d not in results[id(j)] for d in j.dests)]
         t0 = time.perf_counter()
         try:
-            frames = list(self._io.map(self._encode, todo)) if len(todo) > 1 else [self._encode(j) for j in todo]
+            frames = list(self._io.map(self._encode, todo)) if self._parallel_encode(todo) \
+                else [self._encode(j) for j in todo]
         except RuntimeError as e:  # the pool refuses work at interpreter exit: encode here, lose nothing
             if "shutdown" not in str(e):
                 raise
