@@ -217,6 +217,29 @@ def test_item11_stored_blocks_stay_visible_while_the_writer_is_held(tmp_path):
             assert c.lookup(p) >= n
 
 
+def test_disk_only_lookup_walks_the_disk_index_and_staged_blocks(tmp_path):
+    """A disk-only cache: with nothing staged the prefix is walked in the disk index alone (one call);
+    with blocks on their way down the staged ones count too; a block missing in the middle ends the
+    prefix in both walks, and what lookup reports is what load serves."""
+    cfg = CacheConfig(layout=L, host_bytes=0, disk_path=str(tmp_path), disk_bytes="16MiB")
+    a = list(range(20))                          # 5 blocks
+    b = a[:8] + [900 + t for t in range(12)]     # shares 2 blocks with a
+    with TierCache(cfg) as c:
+        assert c.lookup(a) == 0
+        c.store(a, kv(20, 0))
+        c.flush()
+        assert not c.core._stage and c.lookup(a) == 20 and c.lookup(a + [7] * 4) == 20
+        c._writer.pause()                        # b's new blocks wait, staged, in front of the disk
+        c.store(b, kv(20, 1))
+        assert c.core._stage and c.lookup(b) == 20 and c.load(b).shape[2] == 20
+        c._writer.resume()
+        c.flush()
+        assert not c.core._stage and c.lookup(b) == 20
+        c.core.disk.removed([c.keys(a)[2]])      # forgotten in the middle (as if evicted elsewhere)
+        assert c.lookup(a) == 8 and c.load(a).shape[2] == 8
+        assert c.core.disk.run_known(c.keys(a)) == 2 and c.core.disk.run_known([]) == 0
+
+
 def test_reopened_store_reports_its_compression_ratio(tmp_path):
     big = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, dtype=torch.float16, block_size=4)
     cfg = CacheConfig(layout=big, host_bytes=0, disk_path=str(tmp_path), disk_bytes="16MiB",

@@ -70,6 +70,16 @@ class DiskIndex:
     def known(self, key: Key) -> bool:
         return key in self._keys
 
+    def run_known(self, keys: list[Key]) -> int:
+        """How many of `keys`, from the first, this index knows (a prefix walk without a call per key)."""
+        known = self._keys
+        n = 0
+        for k in keys:
+            if k not in known:
+                break
+            n += 1
+        return n
+
     def may_hold_unknown(self) -> bool:
         """Whether another process wrote to the store since our last own commit."""
         return self._counter() != self._own

@@ -15,6 +15,7 @@ from .plans import Loc
 from .staging import StageTable
 
 Key = Hashable
+_ON_DISK = ("disk", ("disk", None))
 
 
 class Where:
@@ -49,6 +50,13 @@ class Where:
             else:
                 return out, None
             start = len(out)
+        elif not self.order and not self.stage and hasattr(self.disk, "run_known"):
+            # a disk-only cache with nothing on its way down: the disk index alone, in one call
+            n = self.disk.run_known(keys)
+            out = [_ON_DISK] * n
+            if n == len(keys):
+                return out, None
+            start = n
         else:
             start = 0
         for i in range(start, len(keys)):
