@@ -58,8 +58,9 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 def _in_memory_raw(frame: Any) -> bool:
     """A frame held in memory (an LMDB value, a Redis reply) whose header says uncompressed: decoding it is
-    a memcpy and a checksum, done faster by the calling thread than handed to the pool (measured: 64 KiB
-    blocks 35 -> 29 us each with 2 threads). Frames read from files, and compressed ones, go to the pool.
+    a memcpy and a checksum, done faster by the calling thread than handed to the pool (measured, 64 KiB
+    blocks, 2 threads, A/B interleaved: block-major loads 38.7 -> 25.2 us a block, token-major 32.2 -> 31.1).
+    Frames read from files, and compressed ones, go to the pool.
     Only a scheduling hint: every frame is still fully verified when it is decoded."""
     return not hasattr(frame, "readinto") and len(frame) > CODEC_OFFSET and frame[CODEC_OFFSET] == CODEC_NONE
 
