@@ -652,6 +652,68 @@ def test_another_process_unlinks_during_a_cache_load(tmp_path, any_layout, monke
             ran.clear()
 
 
+@pytest.mark.parametrize("read", ["token-major", "block-major", "layer-wise"])
+def test_compressed_frame_file_gone_between_its_pieces(tmp_path, monkeypatch, read):
+    """A compressed frame file larger than codec._OVERLAP_READ_BYTES is hinted to the kernel whole, then
+    read in pieces as its segments decode. Removed from under the load after its first piece (by hand,
+    or by anything outside tiercache): that block is a counted error and a miss, the blocks before it are
+    served exactly, nothing after it is served, nothing stays pinned, and storing it again repairs it."""
+    from tiercache import codec
+    lay = KVLayout(**ROWS)  # 2 layers of 64 KiB: one segment per layer
+    B = lay.block_size
+    path = tmp_path / "store"
+    kv = make_kv(lay, 4 * B)
+    toks = list(range(4 * B))
+    with TierCache(small_cfg(lay, path, compression="byteplane")) as c:
+        c.store(toks, kv)
+        c.flush()
+        victim = c.keys(toks)[2]
+        monkeypatch.setattr(codec, "_OVERLAP_READ_BYTES", 4096)
+        real, hinted, pieces = FileFrame.readinto, [], []
+
+        def hint(self, offset, length):
+            hinted.append(self.path)
+        monkeypatch.setattr(FileFrame, "willneed", hint)
+
+        def readinto(self, bufs, offset):
+            real(self, bufs, offset)
+            if self.path in hinted and os.path.basename(self.path).startswith(bytes(victim).hex()):
+                pieces.append(offset)
+                if len(pieces) == 1:
+                    os.unlink(self.path)  # gone after its first piece
+        monkeypatch.setattr(FileFrame, "readinto", readinto)
+        s0 = c.stats()
+        if read == "token-major":
+            out = c.load(toks)
+        elif read == "block-major":
+            out = block_major_back(c.load_keys(c.keys(toks), block_major=True))
+        else:
+            with pytest.raises(Exception) as e:  # a layer-wise load fails closed past what it promised
+                c.load_layers(toks).wait()
+            assert type(e.value).__name__ == "KVUnavailable"
+            out = None
+        assert len(hinted) >= 3 and len(pieces) == 1       # blocks 0-2 hinted; the victim read one piece
+        if out is not None:
+            assert out.shape[2] == 2 * B and same_bytes(out, kv[:, :, :2 * B])
+        s = c.stats()
+        failed = s["errors_total"] + s["corrupt_blocks"]["disk"] - s0["errors_total"] - s0["corrupt_blocks"]["disk"]
+        # a whole-prefix read fails on the missing piece (counted once); a layer-wise read looks the block
+        # up again for its next layer and finds the file gone: a plain miss
+        assert failed == (1 if read != "layer-wise" else 0), failed
+        for t, f in s["in_flight"].items():
+            assert f == {"pinned": 0, "reserved": 0}, (t, f)
+        monkeypatch.undo()
+        assert same_bytes(c.load(toks), kv[:, :, :2 * B])   # a miss from then on
+        c.store(toks, kv)
+        c.flush()
+        assert same_bytes(c.load(toks), kv)
+
+
+def block_major_back(bm: torch.Tensor) -> torch.Tensor:
+    """[n, L, planes, B, H, D] -> [L, planes, n * B, H, D]."""
+    return bm.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
+
+
 # -- 7. a full filesystem ---------------------------------------------------------------------------------
 
 def test_frame_files_fill_the_filesystem(tmpfs, caplog):
