@@ -209,7 +209,8 @@ def _render(summary: dict) -> str:
         f"{summary['lookup_tokens']} prompt tokens looked up)",
         "",
         f"speedup {summary['speedup']:.2f}x (total cold TTFT / total warm TTFT over the same {n} requests)   "
-        f"disk compression {summary['disk_compression_ratio']:.2f}x   first tokens equal "
+        f"disk compression {summary['disk_compression_ratio']:.2f}x"
+        + (f" ({summary['disk_codec']})" if summary.get("disk_codec") else "") + "   first tokens equal "
         f"{summary['first_tokens_equal']}/{n}",
         f"KV time {summary['kv_time_s'] * 1e3:.0f} ms of the {summary['warm_ttft_s']:.2f} s warm TTFT (lookup + "
         f"load before the forward; of it, KV stall {summary['kv_wait_s'] * 1e3:.0f} ms waiting on layers "
@@ -325,6 +326,9 @@ def run(args: argparse.Namespace) -> dict:
         "used_bytes_by_tier": dict(in_use["used_bytes"]),
         "capacity_bytes_by_tier": dict(stats["capacity_bytes"]),
         "disk_compression_ratio": stats["disk_compression_ratio"],
+        # what compression="auto" chose for the demo's store on this machine, and why
+        "disk_codec": (stats.get("disk_codec") or {}).get("chosen"),
+        "disk_codec_why": (stats.get("disk_codec") or {}).get("why"),
         "kv_wait_s": sum(r["kv_wait_s"] for r in rows),
         "kv_time_s": sum(r["kv_time_s"] for r in rows),
         "lookup_tokens": stats["lookup_tokens"],

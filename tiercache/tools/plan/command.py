@@ -199,7 +199,9 @@ def render(plan: dict) -> str:
     if m.get("sliding_window"):
         lines.append(f"note: the config declares sliding-window attention ({m['sliding_window']} tokens): these "
                      "sizes assume full attention in every layer, and TierCachedLM refuses such models")
-    lines.append(f"disk blocks sized at {plan['disk_ratio']:.2f}x compression ({plan['disk_ratio_source']})"
+    chose = f", compression=\"auto\" chose {bw['disk_codec']}" if bw.get("disk_codec") and \
+        plan["disk_ratio_source"] == "measured" else ""
+    lines.append(f"disk blocks sized at {plan['disk_ratio']:.2f}x compression ({plan['disk_ratio_source']}{chose})"
                  + (f", {_b(plan['disk_block_cost'])} per block with frame and index overhead"
                     if plan["disk_block_cost"] else ""))
     P = plan["prefix_tokens"]

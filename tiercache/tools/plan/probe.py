@@ -94,6 +94,8 @@ def run_probe(shape: ModelShape, block_size: int, probe_bytes: int = 64 << 20, w
             cache.flush()
             s = cache.stats()
         out["disk_ratio"] = s["disk_raw_bytes"] / s["disk_compressed_bytes"] if s["disk_compressed_bytes"] else 1.0
+        # what compression="auto" chose for this layout here (a ratio of ~1.0 when it chose "none")
+        out["disk_codec"] = (s.get("disk_codec") or {}).get("chosen")
         _evict_file(os.path.join(tmp, "data.mdb"))
         with TierCache(cfg) as cache:
             out["disk"] = nbytes / _best_load(cache, tokens, dst, 1) / 1e9
