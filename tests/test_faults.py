@@ -297,3 +297,37 @@ def test_damaged_uncompressed_frame_is_a_counted_miss_in_every_read(tmp_path, fr
             assert cache.stats()["corrupt_blocks"]["disk"] == (1 if read == 0 else 0)
             assert cache.lookup(p) == 20  # deleted as corrupt: a miss from then on
             assert_idle(cache)
+
+
+@pytest.mark.parametrize("compression", ["none", "byteplane"], ids=["writer-thread", "pool"])
+@pytest.mark.parametrize("exc", [Boom("encode"), MemoryError()], ids=["exception", "oom"])
+def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wrong(tmp_path, monkeypatch,
+                                                                                 compression, exc):
+    """The write-behind encodes raw or small blocks on its own thread and compresses 64 KiB+ blocks on the
+    pool. An encode that raises on either path: that batch's blocks are dropped and counted, never served
+    from disk, nothing stays pinned, the writer keeps running, and the next store is exact."""
+    big = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)  # 128 KiB
+    p, q = list(range(64)), list(range(1000, 1064))
+    g = torch.Generator().manual_seed(3)
+    kv_p, kv_q = (torch.randn(big.kv_shape(64), generator=g).to(big.dtype) for _ in range(2))
+    with make_cache(tmp_path, layout=big, host_bytes=0, device_bytes=0, compression=compression) as cache:
+        threads, real = set(), BlockCodec.encode_parts
+
+        def failing(self, block, key):
+            import threading
+            threads.add(threading.get_ident())
+            raise exc
+        monkeypatch.setattr(BlockCodec, "encode_parts", failing)
+        assert cache.store(p, kv_p) == 64  # cached while staged; the disk write fails behind it
+        cache.flush()
+        writer = cache._writer._thread.ident
+        assert (threads == {writer}) == (compression == "none"), threads  # where the encode ran
+        assert cache.lookup(p) == 0 and cache.load(p).shape[2] == 0
+        assert cache.stats()["dropped_writes"].get("disk", 0) == 4
+        assert_idle(cache)
+        monkeypatch.setattr(BlockCodec, "encode_parts", real)
+        cache.store(q, kv_q)
+        cache.flush()
+        assert torch.equal(cache.load(q).view(torch.uint8), kv_q.view(torch.uint8))
+    with make_cache(tmp_path, layout=big, host_bytes=0, device_bytes=0, compression=compression) as again:
+        assert again.lookup(p) == 0 and again.lookup(q) == 64
