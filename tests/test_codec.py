@@ -241,8 +241,9 @@ SIZES = {"one-segment": 8 << 10, "per-layer": None}     # per-layer: MIN_SEGMENT
 @pytest.fixture(params=[None, 1000, 100_000], ids=["one-read", "pieces-1000B", "pieces-100000B"])
 def file_reads(request, monkeypatch):
     """Compressed frame files read in one read, or (above codec._OVERLAP_READ_BYTES) with a read-ahead
-    hint and then in pieces just before their segments decode: pieces that end with a segment (1000 B)
-    and pieces that end inside the next one (100000 B, segments of 64 KiB). Returns the willneed calls."""
+    hint and then in pieces of whole segments, each read into one small buffer just before its segments
+    decode: a segment a piece (1000 B, smaller than any segment: the buffer grows to the largest) and
+    several segments a piece (100000 B). Returns the willneed calls."""
     from tiercache import codec
     from tiercache.tiers.frame_files import FileFrame
     calls = []
@@ -444,3 +445,34 @@ def test_read_ahead_hint_on_a_missing_file_is_ignored(tmp_path):
     assert ff.willneed(0, 1 << 20) is None
     with pytest.raises(OSError):
         ff.readinto(memoryview(bytearray(16)), 0)
+
+
+def test_pieces_hold_whole_segments_in_one_small_buffer(tmp_path, monkeypatch):
+    """Above codec._OVERLAP_READ_BYTES a compressed frame file is read in pieces of whole segments, each
+    from the start of one buffer no bigger than max(_OVERLAP_READ_BYTES, largest segment): every read
+    starts where a segment starts, and the bytes decode exactly."""
+    from tiercache import codec as codec_mod
+    from tiercache.tiers.frame_files import FileFrame
+    raw = _kv_bytes(codec_mod.MIN_SEGMENT_BYTES, layers=6, seed=9)
+    c = BlockCodec("fp-file", 2, 6, "byteplane")
+    frame = c.encode(raw, K)
+    ff = _frame_file(tmp_path, frame)
+    monkeypatch.setattr(codec_mod, "_OVERLAP_READ_BYTES", 100_000)
+    table = codec_mod.HEADER_BYTES + 6 * codec_mod._ENTRY.size
+    lens = [codec_mod._ENTRY.unpack_from(frame, codec_mod.HEADER_BYTES + i * codec_mod._ENTRY.size)[0]
+            for i in range(6)]
+    starts = [table + sum(lens[:i]) for i in range(6)]
+    reads, real = [], FileFrame.readinto
+
+    def spy(self, bufs, offset):
+        reads.append((offset, len(memoryview(bufs).cast("B"))))
+        return real(self, bufs, offset)
+    monkeypatch.setattr(FileFrame, "readinto", spy)
+    out = np.empty(len(raw), dtype=np.uint8)
+    c.decode_into(ff, out, key=K)
+    assert np.array_equal(out, raw)
+    pieces = [r for r in reads if r[0] >= table]
+    assert len(pieces) >= 2 and sum(n for _, n in pieces) == len(frame) - table  # every byte read once
+    for off, n in pieces:
+        assert off in starts and off + n in starts + [len(frame)]            # whole segments only
+        assert n <= max(100_000, max(lens))

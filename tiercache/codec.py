@@ -64,8 +64,8 @@ _ENTRY = struct.Struct("<IQ")
 # decode overhead (measured: 64 KiB blocks of 8 KiB layers decoded at 0.78 GB/s).
 MIN_SEGMENT_BYTES = 64 << 10
 _READ_BUFFER_MAX = 64 << 20  # per decode thread, kept for the next read
-# Compressed reads from a file larger than this are read in pieces of at least this size, each just
-# before the segments in it are decoded, with the kernel reading ahead (overlaps reading and decoding)
+# Compressed reads from a file larger than this are read in pieces of whole segments up to this size, each
+# just before its segments decode, with the kernel reading ahead (overlaps reading and decoding)
 _OVERLAP_READ_BYTES = 2 << 20
 _FAST_PLANE_PARAMS = zstandard.ZstdCompressionParameters(
     window_log=19, hash_log=8, chain_log=8, search_log=1, min_match=7, target_length=0,
@@ -328,25 +328,28 @@ class BlockCodec:
                     raise CorruptFrame("raw segment length mismatch")
                 src.readinto([p for i in wanted for p in rows[i]], start)
                 body = None
+            elif stop - start > _OVERLAP_READ_BYTES and hasattr(src, "willneed"):
+                # compressed and large: the kernel reads the whole payload ahead while the first segments
+                # decode; then each piece (whole segments, up to _OVERLAP_READ_BYTES unless one segment is
+                # larger) is read into the same small buffer just before its segments decode, so reading
+                # and decoding overlap in this thread and the bytes are still in the CPU cache when decoded
+                src.willneed(start, stop - start)
+                body = self._read_buffer(max(_OVERLAP_READ_BYTES, max(entries[i][0] for i in wanted)))
+                base = unread = start
             else:
                 body, base = self._read_buffer(stop - start), start
-                if stop - start > _OVERLAP_READ_BYTES and hasattr(src, "willneed"):
-                    # compressed and large: the kernel reads the rest ahead while the first segments are
-                    # decoded, then each segment is read (from the page cache, mostly) just before its
-                    # decode, so reading and decoding overlap in this thread
-                    src.willneed(start, stop - start)
-                    unread = start
-                else:
-                    src.readinto(body, start)
-                    unread = stop
+                src.readinto(body, start)
+                unread = stop
         for i in wanted:
             n, seg_sum = entries[i]
             pieces = rows[i]
             if body is not None:
-                if offsets[i] + n > unread:  # read on as far as this segment, at least _OVERLAP_READ_BYTES
-                    upto = min(stop, max(offsets[i] + n, unread + _OVERLAP_READ_BYTES))
-                    src.readinto(body[unread - base:upto - base], unread)
-                    unread = upto
+                if offsets[i] + n > unread:  # the next piece: segment i and those after it that fit
+                    j = i
+                    while j < wanted[-1] and offsets[j + 1] + entries[j + 1][0] - offsets[i] <= len(body):
+                        j += 1
+                    base, unread = offsets[i], offsets[j] + entries[j][0]
+                    src.readinto(body[:unread - base], base)
                 seg = body[offsets[i] - base:offsets[i] - base + n]
                 self._decode_segment(codec, seg, pieces[0] if len(pieces) == 1 else pieces)
             if len(pieces) == 1:
