@@ -123,9 +123,9 @@ class MemorySlab:
 
     def scatter(self, slots: list[int], blocks6: torch.Tensor) -> None:
         """block slots[j] = blocks6[:, :, j]; blocks6 is [L, planes, n, B, H, D]."""
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.before_write()
         if pinned.crosses(blocks6.device, self.device):
+            idx = torch.tensor(slots, dtype=torch.long, device=self.device)
             if self.device.type == "cpu":  # returns once the bytes are in the slot (the host reads them next)
                 pinned.device_to_host(self.staging, blocks6, 2, self._by_layer, pos=idx)
             else:
@@ -139,8 +139,8 @@ class MemorySlab:
             # on one (a 1 GiB store of 32 MiB blocks: 4.2 GB/s against 9.3 for two threads' memcpy)
             for pos, first, n in runs:
                 self._by_layer.narrow(2, first, n).copy_(blocks6.narrow(2, pos, n), non_blocking=True)
-        else:
-            self._by_layer.index_copy_(2, idx, blocks6)
+        else:  # many short runs: one index tensor (made only here: on a GPU slab it is a host-to-device copy)
+            self._by_layer.index_copy_(2, torch.tensor(slots, dtype=torch.long, device=self.device), blocks6)
 
     def close(self) -> None:
         owner, self._owner = self._owner, None
