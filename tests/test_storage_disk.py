@@ -681,6 +681,30 @@ def test_auto_compression_is_measured_once_recorded_and_reused(tmp_path, monkeyp
     assert "per core x" in render({**s, "disk_codec": old})  # a record from before: still shown
 
 
+def test_auto_probe_failing_on_a_decode_thread_keeps_compressing(tmp_path, monkeypatch):
+    """A decode that raises on one of the probe's threads fails the probe (it is not a rate of 0): the
+    store keeps the byte-plane codec and records why."""
+    from tiercache.codec import BlockCodec
+    from tiercache.tiers import disk_probe
+    monkeypatch.setattr(disk_probe, "_decode_cache", {})
+    monkeypatch.setattr(disk_probe, "cores", lambda: 2)
+    real, calls = BlockCodec.decode_into, []
+
+    def flaky(self, *a, **kw):
+        calls.append(1)
+        if len(calls) > 3:  # the single-thread measurement passes; the threads fail
+            raise MemoryError("injected")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(BlockCodec, "decode_into", flaky)
+    with pytest.raises(MemoryError):
+        disk_probe.measure_decode(64 << 10, threads=2, budget_s=0.0)
+    disk, _ = open_disk(tmp_path)
+    assert disk.compression_for("auto", threads=2) == "byteplane"
+    rec = disk.recorded_codec()
+    assert rec["chosen"] == "byteplane" and "probe failed" in rec["why"] and "injected" in rec["why"]
+    disk.close()
+
+
 def test_auto_compression_first_record_wins(tmp_path, monkeypatch):
     from tiercache.tiers import disk_probe
     a, _ = open_disk(tmp_path)

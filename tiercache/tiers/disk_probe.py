@@ -100,14 +100,18 @@ def _decode_together(codec: object, frame: bytes, key: bytes, nbytes: int, threa
     """GB/s of `threads` threads decoding `frame` over and over, started together, for about budget_s."""
     start = threading.Barrier(threads + 1)
     done = [0] * threads
+    failed: list[BaseException] = []
 
     def work(t: int) -> None:
         out = np.empty(nbytes, dtype=np.uint8)
         start.wait()
         stop = time.perf_counter() + budget_s
-        while time.perf_counter() < stop or done[t] < 2:
-            codec.decode_into(frame, out, key=key)
-            done[t] += 1
+        try:
+            while time.perf_counter() < stop or done[t] < 2:
+                codec.decode_into(frame, out, key=key)
+                done[t] += 1
+        except BaseException as e:  # reported by the caller: a probe that fails decides nothing
+            failed.append(e)
     workers = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(threads)]
     for w in workers:
         w.start()
@@ -115,6 +119,8 @@ def _decode_together(codec: object, frame: bytes, key: bytes, nbytes: int, threa
     t0 = time.perf_counter()
     for w in workers:
         w.join()
+    if failed:
+        raise failed[0]
     return sum(done) * nbytes / (time.perf_counter() - t0) / 1e9
 
 
