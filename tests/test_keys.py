@@ -157,3 +157,49 @@ def test_chain_goes_on_from_a_given_key(algo, secret):
     assert other != whole[1:2]                           # the chain depends on the key it goes on from
     with pytest.raises(ValueError, match="after: expected a 16-byte block key"):
         h.block_keys(toks, 4, NS, after=b"short")
+
+
+def test_keyer_remembers_each_salts_start_without_mixing_salts():
+    """TierCache and the vLLM connector hash from a digest remembered per salt: every salt still gets its
+    own namespace's keys (str and bytes apart, a str subclass like its str), bad salts still raise, and
+    many tenants keep the memo bounded."""
+    from tiercache.config import CacheConfig, KVLayout
+    from tiercache.keys import Keyer
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, block_size=4)
+    cfg = CacheConfig(layout=layout, model_id="model", host_bytes=0)
+    k = Keyer(cfg)
+    toks = np.arange(12, dtype=np.int64)
+
+    def reference(salt):
+        return KeyHasher().block_keys(toks, 4, Namespace("model", layout.fingerprint(), salt=salt))
+
+    class Tenant(str):
+        pass
+
+    for _ in range(2):  # the second pass is served from the memo
+        for salt in (None, "a", b"a", "", b"", Tenant("a")):
+            got = k.keys(toks, salt)
+            assert got == reference(salt) and all(type(x) is BlockKey for x in got), salt
+    assert k.keys(toks, "a") != k.keys(toks, b"a") != k.keys(toks, None)
+    assert set(k._starts) == {None, "a", b"a", "", b""}  # the subclass is hashed each time, not remembered
+    for bad in (1, True, 1.0, bytearray(b"a")):
+        with pytest.raises(TypeError, match="salt: expected None, str or bytes"):
+            k.keys(toks, bad)
+    for i in range(10_000):
+        k.keys(toks, f"tenant-{i}")
+    assert len(k._starts) <= 4097
+    assert k.keys(toks, "tenant-3") == reference("tenant-3")
+
+
+def test_tokens_to_array_returns_a_ready_array_itself_and_copies_the_rest():
+    ready = np.arange(8, dtype=np.int64)
+    assert tokens_to_array(ready) is ready
+    strided = np.arange(16, dtype=np.int64)[::2]
+    got = tokens_to_array(strided)
+    assert got is not strided and got.flags.c_contiguous and got.tolist() == strided.tolist()
+    big_endian = np.arange(8, dtype=">i8")
+    got = tokens_to_array(big_endian)
+    assert got.dtype == np.dtype("<i8") and got.tolist() == list(range(8))
+    with pytest.raises(ValueError, match="1-D"):
+        tokens_to_array(np.arange(8, dtype=np.int64).reshape(2, 4))

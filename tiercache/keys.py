@@ -72,6 +72,8 @@ def tokens_to_array(tokens: Any, field_name: str = "tokens") -> np.ndarray:
     Booleans are not token ids (TypeError, also inside a list); unsigned ids above 2**63 - 1 do
     not fit in int64 and would wrap onto the keys of negative ids (ValueError).
     """
+    if type(tokens) is np.ndarray and tokens.dtype is _INT64 and tokens.ndim == 1 and tokens.flags.c_contiguous:
+        return tokens  # already what the hash reads (the common case: a second call on the same prompt)
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency of the package
@@ -200,7 +202,17 @@ class KeyHasher:
         `after`: the key of the block before `tokens` (the chain goes on from it; `tokens` then starts
         at a block boundary), so a growing sequence is hashed once, block by block, not from token 0.
         """
-        arr = tokens_to_array(tokens)
+        if after is None:
+            prev = self.namespace_digest(ns)
+        elif len(after) != KEY_BYTES:
+            raise ValueError(f"after: expected a {KEY_BYTES}-byte block key, got {len(after)} bytes")
+        else:
+            prev = bytes(after)
+        return self.chain(tokens_to_array(tokens), block_size, prev, max_blocks)
+
+    def chain(self, arr: np.ndarray, block_size: int, prev: bytes, max_blocks: int | None = None) -> list[BlockKey]:
+        """The key chain over the full blocks of `arr` (an array from tokens_to_array) from `prev`, the
+        16-byte key before the first block (a namespace digest, or a block key): no checks, the hot path."""
         n = len(arr) // block_size
         if max_blocks is not None:
             n = min(n, max_blocks)
@@ -208,12 +220,6 @@ class KeyHasher:
             return []
         raw = arr[: n * block_size].tobytes()
         step = block_size * 8
-        if after is None:
-            prev = self.namespace_digest(ns)
-        elif len(after) != KEY_BYTES:
-            raise ValueError(f"after: expected a {KEY_BYTES}-byte block key, got {len(after)} bytes")
-        else:
-            prev = bytes(after)
         h = self._h
         new = bytes.__new__  # skips BlockKey's length check: a digest is always 16 bytes
         keys: list[BlockKey] = []
@@ -236,6 +242,7 @@ class Keyer:
         self.block_size = cfg.layout.block_size
         self.hasher = KeyHasher(cfg.hash_algo, cfg.hash_secret)
         self._fingerprint = cfg.layout.fingerprint()
+        self._starts: dict[str | bytes | None, bytes] = {}
 
     def namespace(self, salt: Any = None) -> Namespace:
         if salt is not None and not isinstance(salt, (str, bytes)):
@@ -243,11 +250,25 @@ class Keyer:
         cfg = self.cfg
         return Namespace(cfg.model_id, self._fingerprint, cfg.tp_rank, cfg.tp_size, salt, cfg.weights_revision)
 
+    def start(self, salt: Any = None) -> bytes:
+        """The digest the key chain of `salt`'s namespace starts from, remembered per salt: building and
+        hashing a Namespace on every call cost more than hashing a 16-token block."""
+        d = self._starts.get(salt) if salt is None or type(salt) in (str, bytes) else None
+        if d is None:
+            d = self.hasher.namespace_digest(self.namespace(salt))
+            if type(salt) in (str, bytes) or salt is None:  # subclasses may redefine equality: not remembered
+                if len(self._starts) > 4096:  # salts are unbounded; keep the memo small
+                    self._starts.clear()
+                self._starts[salt] = d
+        return d
+
     def keys(self, tokens: Any, salt: Any = None, max_blocks: int | None = None,
              after: bytes | None = None) -> list[BlockKey]:
         """Keys of every full block of `tokens` (at most `max_blocks`); with `after` (the key of the block
         before `tokens`), the chain goes on from it."""
-        return self.hasher.block_keys(tokens, self.block_size, self.namespace(salt), max_blocks, after)
+        if after is not None:
+            return self.hasher.block_keys(tokens, self.block_size, self.namespace(salt), max_blocks, after)
+        return self.hasher.chain(tokens_to_array(tokens), self.block_size, self.start(salt), max_blocks)
 
     def tag(self, salt: Any = None) -> tuple[bytes, dict]:
         """The note a slow tier keeps per block: the namespace's short digest and its description."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -130,7 +129,7 @@ class TierCache:
 
     def keys(self, tokens: Any, salt: Any = None) -> list[BlockKey]:
         """Block keys of every full block of `tokens`."""
-        return self._hasher.block_keys(tokens, self._B, self._namespace(salt))
+        return self._hasher.chain(tokens_to_array(tokens), self._B, self._keyer.start(salt))
 
     def _tag(self, salt: Any) -> tuple[bytes, dict]:
         return self._keyer.tag(salt)
@@ -140,9 +139,8 @@ class TierCache:
         """Tokens of the longest cached prefix (a multiple of block_size). Moves nothing; counts metrics."""
         self._check_open()
         arr = tokens_to_array(tokens)
-        tiers = self.core.lookup(self._hasher.block_keys(arr, self._B, self._namespace(salt)))
-        by_tier = {t: 0 for t in self.tiers}
-        by_tier.update(Counter(tiers))
+        tiers = self.core.lookup(self._hasher.chain(arr, self._B, self._keyer.start(salt)))
+        by_tier = {t: tiers.count(t) for t in self.tiers}  # the core serves from these only; a C scan each
         self.recorder.lookup(len(arr), {t: n * self._B for t, n in by_tier.items()}, by_tier)
         return len(tiers) * self._B
 
@@ -171,7 +169,7 @@ class TierCache:
         self._check_open()
         arr = tokens_to_array(tokens)
         self._check_kv(kv, len(arr))
-        keys = self._hasher.block_keys(arr, self._B, self._namespace(salt))
+        keys = self._hasher.chain(arr, self._B, self._keyer.start(salt))
         if not keys:
             return 0
         kv6 = kv.detach()[:, :, :len(keys) * self._B].unflatten(2, (len(keys), self._B))
