@@ -266,9 +266,12 @@ class Keyer:
              after: bytes | None = None) -> list[BlockKey]:
         """Keys of every full block of `tokens` (at most `max_blocks`); with `after` (the key of the block
         before `tokens`), the chain goes on from it."""
+        prev = self.start(salt)  # checks the salt, whether or not the chain starts from it
         if after is not None:
-            return self.hasher.block_keys(tokens, self.block_size, self.namespace(salt), max_blocks, after)
-        return self.hasher.chain(tokens_to_array(tokens), self.block_size, self.start(salt), max_blocks)
+            if len(after) != KEY_BYTES:
+                raise ValueError(f"after: expected a {KEY_BYTES}-byte block key, got {len(after)} bytes")
+            prev = bytes(after)
+        return self.hasher.chain(tokens_to_array(tokens), self.block_size, prev, max_blocks)
 
     def tag(self, salt: Any = None) -> tuple[bytes, dict]:
         """The note a slow tier keeps per block: the namespace's short digest and its description."""
