@@ -78,9 +78,32 @@ def test_footprint_lookup_and_scale(tiny_run):
 
     scale = result["scale"]
     assert {(r["tier"], r["op"]) for r in scale} == {(t, o) for t in ("host", "disk")
-                                                     for o in ("store", "lookup", "lookup, repeated")}
+                                                     for o in ("store", "lookup", "lookup, repeated")} | \
+        {("bound", "store"), ("bound", "lookup")}
     assert sorted({r["blocks"] for r in scale}) == [128, 256]
     assert all(r["verified"] and _finite_positive(r["median"], r["ratio"]) for r in scale)
+    assert {r["bound"] for r in scale if r["tier"] == "bound"} == {"LMDB alone, the disk tier's rows",
+                                                                    "a dict of 16-byte keys"}
+
+
+def test_scale_goal_names_the_bound_at_the_worst_size(tiny_run):
+    """The scale goal judges tiercache's own rows (never the bound's) and says how the bound grew there."""
+    result = copy.deepcopy(json.loads(tiny_run[1]))
+
+    def row(tier: str, op: str, blocks: int, us: float, ratio: float) -> dict:
+        extra = {"bound": "LMDB alone, the disk tier's rows"} if tier == "bound" else {}
+        return {"tier": tier, "op": op, "blocks": blocks, "verified": True, "median": us, "min": us, "max": us,
+                "n": 1, "ratio": ratio, **extra}
+    result["scale"] = [row("disk", "store", 1000, 40.0, 1.0), row("disk", "store", 10**6, 60.0, 1.5),
+                       row("host", "lookup", 1000, 1.0, 1.0), row("host", "lookup", 10**6, 1.1, 1.1),
+                       row("bound", "store", 1000, 10.0, 1.0), row("bound", "store", 10**6, 30.0, 3.0)]
+    goal = {g["goal"]: g for g in bench.judge(result)}[
+        "lookup and store flat as the store grows (largest <= 1.2x the 10^3 cost)"]
+    assert goal["value"] == pytest.approx(1.5) and goal["status"] == "MISS"
+    assert goal["measured_on"] == ("disk store at 1,000,000 blocks (+20.00 µs a block); LMDB alone, the disk "
+                                   "tier's rows: 3.00x (+20.00 µs a block)")
+    text = bench.render_markdown({**result, "goals": bench.judge(result)})
+    assert "| bound: LMDB alone, the disk tier's rows | store | 1,000,000 | 30.00 (30.00–30.00) | 3.00x |" in text
     assert result["cold_method"] == "posix_fadvise(DONTNEED)"  # nothing machine-wide unless --drop-caches
 
 

@@ -93,8 +93,17 @@ def _scale(result: dict) -> tuple[float, str] | None:
     if not result["scale"]:
         return None
     # first lookups of random stored sequences and stores; repeated lookups are a diagnostic
-    worst = max((r for r in result["scale"] if r["op"] in ("store", "lookup")), key=lambda r: r["ratio"])
-    return worst["ratio"], f"{worst['tier']} {worst['op']} at {worst['blocks']:,} blocks"
+    ours = [r for r in result["scale"] if r["op"] in ("store", "lookup") and r["tier"] != "bound"]
+    worst = max(ours, key=lambda r: r["ratio"])
+    where = f"{worst['tier']} {worst['op']} at {worst['blocks']:,} blocks"
+    bound = next((r for r in result["scale"] if r["tier"] == "bound" and r["op"] == worst["op"]
+                  and r["blocks"] == worst["blocks"]), None)
+    if bound is not None:  # what the medium itself does at that size, measured the same way
+        first = next(r for r in ours if r["tier"] == worst["tier"] and r["op"] == worst["op"])
+        base = next(r for r in result["scale"] if r["tier"] == "bound" and r["op"] == worst["op"])
+        where += (f" (+{worst['median'] - first['median']:.2f} µs a block); {bound['bound']}: "
+                  f"{bound['ratio']:.2f}x (+{bound['median'] - base['median']:.2f} µs a block)")
+    return worst["ratio"], where
 
 
 def _value(goal: Goal, result: dict) -> tuple[float, str] | None:

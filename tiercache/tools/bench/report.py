@@ -156,8 +156,8 @@ def render_markdown(result: dict) -> str:
     lines += ["", f"## Scale ({SCALE_LAYOUT.fingerprint()}, {SCALE_CALL_BLOCKS} blocks a call)", "",
               "| tier | op | blocks stored | µs per block, median (min–max) | ratio to the smallest store |",
               "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['tier']} | {r['op']} | {r['blocks']:,} | {_fmt_range(r, 2)} | {r['ratio']:.2f}x |"
-              for r in result["scale"]]
+    lines += [f"| {'bound: ' + r['bound'] if r.get('bound') else r['tier']} | {r['op']} | {r['blocks']:,} | "
+              f"{_fmt_range(r, 2)} | {r['ratio']:.2f}x |" for r in result["scale"]]
     for section in result.get("sections", []):
         lines += ["", f"## {section['title']}", ""] + _table(section["rows"])
     lines += ["", "## Goals: each a ratio of two figures measured in this run", "",
