@@ -56,6 +56,7 @@ CODEC_OFFSET = 5  # the header byte naming the codec (after magic and version)
 KEY_LEN = 16
 _SEED_MASK = (1 << 64) - 1
 _PAYLOAD_LEN = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 HEADER_BYTES = _HEAD.size + _PAYLOAD_LEN.size
 _PLANE = struct.Struct("<BI")  # mode (0 raw, 1 zstd), length
 _MODE_RAW, _MODE_ZSTD = 0, 1
@@ -157,29 +158,45 @@ class BlockCodec:
         """Encode one block's raw bytes (a uint8 view of the canonical block tensor), bound to `key`."""
         return b"".join(self.encode_parts(block, key))
 
-    def encode_parts(self, block: np.ndarray | memoryview | bytes, key: bytes) -> list:
+    def encode_parts(self, block: np.ndarray | memoryview | bytes, key: bytes) -> "FrameParts":
         """The frame of `encode` as a list of buffers, not joined: raw segments are views of `block`, so a
         writer that takes a list (os.writev) copies each byte once, straight from the source.
-        The views stay valid only while `block` does."""
+        The views stay valid only while `block` does. The list knows its length in bytes (`nbytes`)."""
         seed = _key_seed(key)
-        raw = np.frombuffer(block, dtype=np.uint8) if not isinstance(block, np.ndarray) else block.reshape(-1)
+        raw = block.reshape(-1) if isinstance(block, np.ndarray) else np.frombuffer(block, dtype=np.uint8)
         if raw.dtype != np.uint8:
             raise TypeError(f"block: expected uint8 bytes, got {raw.dtype}")
-        if len(raw) % (self.num_segments * self.itemsize):
-            raise ValueError(f"block: {len(raw)} bytes do not split into {self.num_segments} layers "
+        n = len(raw)
+        if n % (self.num_segments * self.itemsize):
+            raise ValueError(f"block: {n} bytes do not split into {self.num_segments} layers "
                              f"of {self.itemsize}-byte elements")
-        nseg = self.num_segments if len(raw) // self.num_segments >= MIN_SEGMENT_BYTES else 1
-        seg_len = len(raw) // nseg
-        segs = [raw[i * seg_len:(i + 1) * seg_len] for i in range(nseg)]
-        parts = [self._encode_segment(seg) for seg in segs]
-        lens = [sum(len(p) for p in seg_parts) for seg_parts in parts]
-        table = b"".join(_ENTRY.pack(n, xxhash.xxh3_64_intdigest(seg, seed=(seed + i) & _SEED_MASK))
-                         for i, (n, seg) in enumerate(zip(lens, segs)))
-        payload_len = sum(lens)
-        head = _HEAD.pack(MAGIC, FORMAT_VERSION, self.codec, self.itemsize, 0, self.layout_fp, len(raw),
-                          xxhash.xxh3_64_intdigest(table, seed=seed), bytes(key), len(segs), 0)
-        head = head[:-4] + struct.pack("<I", xxhash.xxh32_intdigest(head[:-4]))
-        return [head + _PAYLOAD_LEN.pack(payload_len) + table, *(p for sp in parts for p in sp)]
+        out = FrameParts([b""])
+        digest = xxhash.xxh3_64_intdigest
+        if n // self.num_segments < MIN_SEGMENT_BYTES:  # one segment: the common case of small blocks
+            nseg = 1
+            parts = self._encode_segment(raw)
+            payload_len = n if self.codec == CODEC_NONE else sum(len(p) for p in parts)
+            table = _ENTRY.pack(payload_len, digest(raw, seed=seed))
+            out += parts
+        else:
+            nseg = self.num_segments
+            seg_len = n // nseg
+            entries = []
+            payload_len = 0
+            for i in range(nseg):
+                seg = raw[i * seg_len:(i + 1) * seg_len]
+                parts = self._encode_segment(seg)
+                m = seg_len if self.codec == CODEC_NONE else sum(len(p) for p in parts)
+                entries.append(_ENTRY.pack(m, digest(seg, seed=(seed + i) & _SEED_MASK)))
+                payload_len += m
+                out += parts
+            table = b"".join(entries)
+        head = _HEAD.pack(MAGIC, FORMAT_VERSION, self.codec, self.itemsize, 0, self.layout_fp, n,
+                          digest(table, seed=seed), bytes(key), nseg, 0)
+        out[0] = b"".join((head[:-4], _U32.pack(xxhash.xxh32_intdigest(head[:-4])), _PAYLOAD_LEN.pack(payload_len),
+                           table))
+        out.nbytes = len(out[0]) + payload_len
+        return out
 
     # -- decode ---------------------------------------------------------------------------
     def _parse(self, frame: memoryview, expected_raw: int | None,
@@ -393,6 +410,12 @@ class BlockCodec:
         self._decode_segment(codec, frame[pos:pos + n], out)
         if xxhash.xxh3_64_intdigest(out, seed=(seed + layer) & _SEED_MASK) != seg_sum:
             raise CorruptFrame(f"checksum mismatch in layer {layer}")
+
+
+class FrameParts(list):
+    """A frame as the list of buffers `encode_parts` made, with its length in bytes (`nbytes`)."""
+
+    __slots__ = ("nbytes",)
 
 
 class FrameSource(Protocol):

@@ -84,6 +84,9 @@ def parse_pointer(value: Any) -> tuple[int, int] | None:
 
 def frame_len(frame: Any) -> int:
     """Bytes of a frame given as one buffer or as a list of buffers (`BlockCodec.encode_parts`)."""
+    n = getattr(frame, "nbytes", None)  # a codec.FrameParts, or a numpy array
+    if n is not None:
+        return n
     if isinstance(frame, list):
         return sum(memoryview(p).nbytes for p in frame)
     return memoryview(frame).nbytes
