@@ -281,3 +281,23 @@ def test_remote_restarted_empty_gets_blocks_again(redis_server):
             assert torch.equal(c.load(list(range(8))), kv(8))
     finally:
         server.stop()  # (the fixture stops it too; stopping twice is harmless)
+
+
+def test_write_queue_takes_and_gives_many_under_one_lock():
+    """The write-behind queue: puts of many jobs stop at the bound (the caller drops the rest), gets of many
+    return what is there without waiting, and a blocked getter wakes on a put of many."""
+    from tiercache.writebehind import _JobQueue
+
+    q = _JobQueue(maxsize=3)
+    assert q.put_many_nowait([1, 2]) == 2
+    assert q.put_many_nowait([3, 4, 5]) == 1          # room for one: 4 and 5 are refused
+    assert q.put_many_nowait([6]) == 0 and q.qsize() == 3
+    assert q.get_many_nowait(2) == [1, 2]
+    assert q.get_many_nowait(5) == [3] and q.get_many_nowait(5) == []
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.get()))
+    t.start()
+    assert q.put_many_nowait([7, 8]) == 2
+    t.join(10)
+    assert got == [7] and q.get_many_nowait(9) == [8]
+    assert _JobQueue().put_many_nowait(list(range(1000))) == 1000   # unbounded

@@ -241,12 +241,12 @@ class TierCache:
 
     def _queue(self, jobs: list[WriteJob]) -> set:
         dropped = set()
-        for j in jobs:
-            if self._writer is None or not self._writer.offer(j):
-                for d in j.dests:
-                    self.recorder.dropped_write(d)
-                self.core.complete_write(j, {d: False for d in j.dests})
-                dropped.add(j.key)
+        queued = self._writer.offer_many(jobs) if self._writer is not None and jobs else 0
+        for j in jobs[queued:]:  # the queue is full: these are dropped, counted, and their sources released
+            for d in j.dests:
+                self.recorder.dropped_write(d)
+            self.core.complete_write(j, {d: False for d in j.dests})
+            dropped.add(j.key)
         return dropped
 
     # -- load ----------------------------------------------------------------------------
