@@ -128,6 +128,15 @@ def test_end_to_end_rows(tiny_run):
         assert _finite_positive(r["ttft_ms"]["median"], r["ratio"]["median"], r["speedup"])
     # the cached prefix gives the same KV whichever tier serves it: warm runs match the ideal run
     assert e["first_tokens_equal_ideal"] == e["workload"]["requests"]
+    # the disk rows come twice: the default codec (auto's choice recorded) and an uncompressed store
+    assert set(e2e.TIERS) >= {"disk, page cache warm", "disk, compression none, page cache warm"}
+    assert e["disk_codec"] in ("byteplane", "none")
+    goals = {g["goal"]: g for g in result["goals"]}
+    for tier in ("disk, page cache dropped", "disk, page cache warm"):
+        plain = next(r for r in warm if r["tier"] == tier.replace("disk", "disk, compression none") and r["default"])
+        on = goals[next(name for name in goals if name.endswith(f"ideal: {tier}"))]["measured_on"]
+        assert on.endswith(f'compression="auto" chose {e["disk_codec"]}, with compression="none": '
+                           f'{plain["ratio"]["median"]:.2f}x'), on
 
 
 def test_goals_without_peers(tiny_run):

@@ -16,7 +16,9 @@ of the prefix only, never a question's), then copied into a second, disk-only ca
 - warm from each tier, with `TierCachedLM.generate` (`store=False`) in both loading modes
   (layer-wise, the default when the cache offers it, and whole prefix): host (a host-only
   cache), disk with the page cache dropped (the disk-only cache is closed, its files are evicted,
-  the cache is reopened outside the clock), and disk warm (the same request again right after).
+  the cache is reopened outside the clock), and disk warm (the same request again right after);
+  the disk rows twice: the default codec (`compression="auto"`, whose choice is reported) and
+  `compression="none"`, so that what decoding costs a request is measured, not guessed.
 
 TTFT is the integration's own: call start to the first logits (lookup and load included); the
 ratio per request is warm TTFT / ideal, reported as the median (min-max) over requests.
@@ -40,7 +42,8 @@ from tiercache.tools.bench.protocol import BenchConfig, drop_from_page_cache, re
 VLLM_ROW = ("not measured in this section (transformers): vLLM runs in its own venv; `tiercache bench --vllm PYTHON` "
             "adds its TTFT section (tiercache, vLLM's own prefix cache, ExampleConnector)")
 TINY = {"layers": 2, "hidden": 128, "documents": 2, "questions": 2, "document_tokens": 160, "system_tokens": 48}
-TIERS = ("host", "disk, page cache dropped", "disk, page cache warm")
+DISKS = {"auto": "disk", "none": "disk, compression none"}  # the disk-only caches: compression -> row prefix
+TIERS = ("host", *(f"{p}, page cache {t}" for p in DISKS.values() for t in ("dropped", "warm")))
 
 
 def e2e_sizes(size: str) -> dict:
@@ -85,12 +88,15 @@ class _Run:
         self.token_bytes = layout.block_bytes // layout.block_size
         working_set = (self.workload.unique_prefix_tokens // layout.block_size + len(self.workload.documents)) \
             * layout.block_bytes
-        self.path = os.path.join(workdir, "e2e-lmdb")
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.disk_cfg = CacheConfig(layout=layout, model_id=self.desc["name"], host_bytes=0, disk_path=self.path,
-                                    disk_bytes=4 * working_set + (64 << 20))
+        self.paths = {c: os.path.join(workdir, f"e2e-lmdb-{c}") for c in DISKS}
+        self.disk_cfgs = {c: CacheConfig(layout=layout, model_id=self.desc["name"], host_bytes=0, disk_path=path,
+                                         disk_bytes=4 * working_set + (64 << 20), compression=c)
+                          for c, path in self.paths.items()}
+        for path in self.paths.values():
+            shutil.rmtree(path, ignore_errors=True)
         self.host = TierCache(CacheConfig(layout=layout, model_id=self.desc["name"], host_bytes=2 * working_set))
-        self.disk: Any = None
+        self.disks: dict[str, Any] = {}
+        self.disk_codec: str | None = None  # what compression="auto" chose for these blocks here
         self.gen = {"max_new_tokens": 1, "do_sample": False}
         self.default_mode = "layer-wise" if TierCachedLM(self.model, self.host, store=False).layerwise \
             else "whole prefix"
@@ -111,13 +117,14 @@ class _Run:
         self.first_equal = {"cold": 0, "ideal": 0}
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        for disk in self.disks.values():
+            disk.close()
         self.host.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        for path in self.paths.values():
+            shutil.rmtree(path, ignore_errors=True)
 
     def populate(self) -> None:
-        """Store each document's prefix through the integration, copy it to the disk-only cache, compare bytes."""
+        """Store each document's prefix through the integration, copy it to the disk-only caches, compare bytes."""
         from tiercache.integrations.hf import TierCachedLM
         from tiercache.manager import TierCache
 
@@ -126,16 +133,20 @@ class _Run:
         for r in self.workload.requests:
             firsts.setdefault(r.document, r)
         writer = TierCachedLM(self.model, self.host)
-        with TierCache(self.disk_cfg) as disk:
-            prefixes = []
-            for r in firsts.values():
-                writer.generate(torch.tensor([r.token_ids[:r.prefix_tokens]]), **self.gen)  # stores its full blocks
-                prefixes.append(torch.tensor(r.token_ids[:r.prefix_tokens // B * B]))
-                disk.store(prefixes[-1], self.host.load(prefixes[-1]))
-            disk.flush()
-            for full in prefixes:
-                a, b = self.host.load(full), disk.load(full)
-                self.verified &= a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        prefixes = []
+        for r in firsts.values():
+            writer.generate(torch.tensor([r.token_ids[:r.prefix_tokens]]), **self.gen)  # stores its full blocks
+            prefixes.append(torch.tensor(r.token_ids[:r.prefix_tokens // B * B]))
+        for codec, cfg in self.disk_cfgs.items():
+            with TierCache(cfg) as disk:
+                for full in prefixes:
+                    disk.store(full, self.host.load(full))
+                disk.flush()
+                for full in prefixes:
+                    a, b = self.host.load(full), disk.load(full)
+                    self.verified &= a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                if codec == "auto":
+                    self.disk_codec = disk.stats().get("disk_codec", {}).get("chosen")
 
     def record(self, row: str, seconds: float) -> None:
         if self.measuring:
@@ -148,19 +159,19 @@ class _Run:
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **with_clock({**self.gen, **kw}, clock))
         return out, clock.seconds
 
-    def reopen_cold(self) -> Any:
-        """Close the disk-only cache, evict its files from the page cache, reopen (all outside any clock)."""
+    def reopen_cold(self, codec: str) -> Any:
+        """Close a disk-only cache, evict its files from the page cache, reopen (all outside any clock)."""
         from tiercache.manager import TierCache
 
-        if self.disk is not None:
-            self.disk.close()
-        files = store_files(self.path)
+        if codec in self.disks:
+            self.disks.pop(codec).close()
+        files = store_files(self.paths[codec])
         drop_from_page_cache(files, self.cfg.drop_caches)
-        self.disk = TierCache(self.disk_cfg)
+        self.disks[codec] = TierCache(self.disk_cfgs[codec])
         fracs = [resident_fraction(p) for p in files]
         if self.measuring and None not in fracs:
             self.resident.append(max(fracs))
-        return self.disk
+        return self.disks[codec]
 
     def request(self, r: Any) -> None:
         """Every probe of one request, in an order rotated by the request's index."""
@@ -207,14 +218,14 @@ class _Run:
         def host(mode: str) -> Callable[[], None]:
             return lambda: warm(self.host_lms[mode], f"host, {mode}", "host")
 
-        def disk(mode: str) -> Callable[[], None]:
+        def disk(mode: str, codec: str) -> Callable[[], None]:
             def run() -> None:
-                lm = TierCachedLM(self.model, self.reopen_cold(), store=False, layerwise=self.modes[mode])
-                warm(lm, f"disk, page cache dropped, {mode}", "disk")
-                warm(lm, f"disk, page cache warm, {mode}", "disk")  # the same request again
+                lm = TierCachedLM(self.model, self.reopen_cold(codec), store=False, layerwise=self.modes[mode])
+                warm(lm, f"{DISKS[codec]}, page cache dropped, {mode}", "disk")
+                warm(lm, f"{DISKS[codec]}, page cache warm, {mode}", "disk")  # the same request again
             return run
 
-        probes = [cold, ideal, *(host(m) for m in self.modes), *(disk(m) for m in self.modes)]
+        probes = [cold, ideal, *(host(m) for m in self.modes), *(disk(m, c) for c in DISKS for m in self.modes)]
         k = r.index % len(probes)
         for probe in probes[k:] + probes[:k]:
             probe()
@@ -268,5 +279,6 @@ def measure_e2e(cfg: BenchConfig, workdir: str, log: Callable[[str], None]) -> d
                          "document_tokens": run.sizes["document_tokens"],
                          "system_tokens": run.sizes["system_tokens"]},
             "default_mode": run.default_mode, "rows": run.rows(), "verified": bool(run.verified),
+            "disk_codec": run.disk_codec,
             "first_tokens_equal_cold": run.first_equal["cold"], "first_tokens_equal_ideal": run.first_equal["ideal"],
             "cold_resident": max(run.resident) if run.resident else None, "vllm": VLLM_ROW}
