@@ -331,3 +331,41 @@ def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wro
         assert torch.equal(cache.load(q).view(torch.uint8), kv_q.view(torch.uint8))
     with make_cache(tmp_path, layout=big, host_bytes=0, device_bytes=0, compression=compression) as again:
         assert again.lookup(p) == 0 and again.lookup(q) == 64
+
+
+@pytest.mark.parametrize("exc", [Boom("file write"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+def test_frame_file_write_fault_before_the_commit_leaves_no_file_and_serves_nothing_wrong(tmp_path, monkeypatch,
+                                                                                        exc):
+    """Frame files are written before the eviction gate and the commit. A write that raises midway (the
+    third file of the batch): the files already written are removed (no row points to them), the batch
+    is dropped and counted, nothing is served from disk or stays pinned, and the next store is exact."""
+    from tiercache.tiers.frame_files import FrameFiles
+
+    p, q = list(range(32)), list(range(1000, 1032))
+    g = torch.Generator().manual_seed(4)
+    kv_p, kv_q = (torch.randn(L.kv_shape(32), generator=g).to(L.dtype) for _ in range(2))
+    store = tmp_path / "store"
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as cache:
+        real, calls = FrameFiles.write, []
+
+        def failing(self, key, frame):
+            calls.append(key)
+            if len(calls) == 3:
+                raise exc
+            return real(self, key, frame)
+        monkeypatch.setattr(FrameFiles, "write", failing)
+        assert cache.store(p, kv_p) == 32  # cached while staged; the disk write fails behind it
+        cache.flush()
+        assert len(calls) == 3
+        assert not [f for f in store.rglob("*") if f.is_file() and f.parent != store], "a frame file was left"
+        assert cache.lookup(p) == 0 and cache.load(p).shape[2] == 0
+        assert cache.stats()["dropped_writes"].get("disk", 0) == 8
+        assert_idle(cache)
+        monkeypatch.setattr(FrameFiles, "write", real)
+        cache.store(q, kv_q)
+        cache.flush()
+        assert torch.equal(cache.load(q).view(torch.uint8), kv_q.view(torch.uint8))
+        assert len([f for f in store.rglob("*") if f.is_file() and f.parent != store]) == 8  # where files go
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as again:
+        assert again.lookup(p) == 0 and again.lookup(q) == 32
+        assert torch.equal(again.load(q).view(torch.uint8), kv_q.view(torch.uint8))

@@ -84,21 +84,44 @@ def test_lookup_never_moves_data_and_load_promotes(make_cache, layout):
     assert c.stats()["loaded_bytes"]["disk"] == 2 * layout.block_bytes
 
 
-def test_burst_beyond_free_host_slots_goes_to_disk_queue(make_cache, layout):
-    c = make_cache(host_blocks=2)
-    gate = threading.Event()
-    real = c.disk.write_batch
-    c.disk.write_batch = lambda *a, **k: (gate.wait(10), real(*a, **k))[1]
+def test_burst_beyond_free_host_slots_goes_to_disk_queue(make_cache, layout, monkeypatch):
+    """A disk that stalls in its frame-file writes holds up no load: the blocks still on their way down are
+    served from memory, and so are the host's, while the writer is still stuck (loads wait for the
+    eviction gate, which a batch holds only for its commit, never for its file writes)."""
+    from tiercache.tiers.frame_files import FrameFiles
+
+    c = make_cache(host_blocks=2, disk_file_bytes=0)  # every frame is a file
+    stall, inside = threading.Event(), threading.Event()
+    real = FrameFiles.write
+
+    def stalled(self, *a, **k):
+        inside.set()
+        stall.wait(60)
+        return real(self, *a, **k)
+    monkeypatch.setattr(FrameFiles, "write", stalled)
     try:
         kv_a, kv_b = make_kv(layout, 8, seed=1), make_kv(layout, 8, seed=2)
         assert c.store(toks(8), kv_a) == 8
+        assert inside.wait(10)                                # the writer is stuck in A's first file
         # A's host slots are pinned until its disk write lands, so B cannot evict them
         assert c.store(toks(8, start=500), kv_b) == 8
         assert c.lookup_by_tier(toks(8)) == {"host": 8, "disk": 0}
         assert c.lookup_by_tier(toks(8, start=500)) == {"host": 0, "disk": 8}
-        assert same_bytes(c.load(toks(8, start=500)), kv_b)   # served from the pending write
+        got: list = []
+
+        def loads() -> None:
+            got.append(same_bytes(c.load(toks(8, start=500)), kv_b))   # served from the pending write
+            got.append(same_bytes(c.load(toks(8)), kv_a))               # and from host
+        t = threading.Thread(target=loads, daemon=True)
+        t.start()
+        t.join(30)  # liveness, not speed: before the fix they waited for the stalled writes (60 s each)
+        assert got == [True, True], "a load waited for the write-behind's file writes"
+        assert not stall.is_set() and c._writer.pending()     # all while the writer is still stuck
     finally:
-        gate.set()
+        stall.set()
+    c.flush()
+    assert c.lookup_by_tier(toks(8)) == {"host": 8, "disk": 0}
+    assert same_bytes(c.load(toks(8, start=500)), kv_b)
 
 
 def test_promotion_from_disk_into_host(make_cache, layout):

@@ -287,12 +287,24 @@ class WriteBehind:
         return bool(self.disk.count_each([key])[0])
 
     def _disk_write(self, rows: list, deletes: list) -> tuple[set, set]:
-        """Commit rows and deletes; (written and still there, dropped by the disk tier)."""
-        with self.gate.exclusive():  # no load plans while blocks may vanish and the index catches up
-            out = self.disk.write_batch(rows, deletes)
-            written, evicted = out[0], out[1]
-            dropped = set(out[2]) if len(out) > 2 else set()
-            counter = self.disk.change_counter() if hasattr(self.disk, "change_counter") else None
-            self._disk_changed(list(written), list(evicted) + list(deletes), counter)
+        """Commit rows and deletes; (written and still there, dropped by the disk tier).
+
+        Frame files are written first, outside the eviction gate (they evict nothing), so loads, even
+        of blocks in memory, never wait for a batch's file writes; the gate is held for the commit (and
+        any eviction it needs) and the index update only."""
+        files = self.disk.write_files(rows) if rows and hasattr(self.disk, "write_files") else None
+        committing = False
+        try:
+            with self.gate.exclusive():  # no load plans while blocks may vanish and the index catches up
+                committing = True
+                out = self.disk.write_batch(rows, deletes, written=files) if files is not None \
+                    else self.disk.write_batch(rows, deletes)
+                written, evicted = out[0], out[1]
+                dropped = set(out[2]) if len(out) > 2 else set()
+                counter = self.disk.change_counter() if hasattr(self.disk, "change_counter") else None
+                self._disk_changed(list(written), list(evicted) + list(deletes), counter)
+        finally:
+            if files is not None and not committing:  # interrupted while waiting for the gate
+                self.disk.discard_files(files)
         self.recorder.evicted("disk", len(evicted))
         return set(written) - set(evicted), dropped  # a batch can evict what it wrote earlier in it

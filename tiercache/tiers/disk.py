@@ -55,6 +55,20 @@ def _miss(_key: bytes) -> None:
     return None
 
 
+class WrittenFiles:
+    """What `DiskTier.write_files` and `write_batch` wrote of a batch before its transaction: the rows to
+    commit, key -> frame file id, the keys handled (written, or left out for good), and the blocks
+    evicted to make room on a full filesystem."""
+
+    __slots__ = ("rows", "files", "seen", "made_room")
+
+    def __init__(self) -> None:
+        self.rows: list = []
+        self.files: dict[bytes, int] = {}
+        self.seen: set[bytes] = set()
+        self.made_room: list[BlockKey] = []
+
+
 class DiskTier:
     def __init__(self, path: str, layout: KVLayout, capacity_bytes: int, readonly: bool = False,
                  writemap: bool = False, log: OnceLogger | None = None, recorder: Any = None,
@@ -483,16 +497,39 @@ class DiskTier:
         return used, blocks
 
     # -- writes (called from the writer thread) --------------------------------------------
+    def write_files(self, items: list[tuple[BlockKey, Any, bytes, dict]]) -> "WrittenFiles | None":
+        """The first half of `write_batch`, which evicts nothing, so it needs no eviction gate: write the
+        frames of at least `file_min_bytes` to their files. A frame that finds the filesystem full is left
+        for `write_batch` (which evicts to make room). Pass the result to `write_batch(items, ...,
+        written=)`, or to `discard_files`; until then the files belong to no row (a writer killed in
+        between leaves orphans that the next writable open collects)."""
+        shared = self._state()
+        if shared is None or self.readonly:
+            return None
+        done = WrittenFiles()
+        try:
+            self._write_files(shared, items, done)
+        except BaseException:  # interrupted: the files written so far belong to no row
+            self.discard_files(done)
+            raise
+        return done
+
+    def discard_files(self, written: "WrittenFiles") -> None:
+        """Unlink what `write_files` wrote, for a batch that will not be committed."""
+        self._files.unlink_now([self._files.path(k, fid) for k, fid in written.files.items()])
+        written.files.clear()
+
     def write_batch(self, items: list[tuple[BlockKey, Any, bytes, dict]],
-                    deletes: Iterable[BlockKey] = ()) -> tuple[list[BlockKey], list[BlockKey], list[BlockKey]]:
+                    deletes: Iterable[BlockKey] = (), written: "WrittenFiles | None" = None,
+                    ) -> tuple[list[BlockKey], list[BlockKey], list[BlockKey]]:
         """Put frames, evicting least recently used blocks to stay within the budget.
 
         items: (key, frame, ns_id, ns_description); a frame is bytes or a list of buffers
         (`BlockCodec.encode_parts`). Frames of at least `file_min_bytes` are written to files first
-        (frame_files), then every row is committed in one transaction. Returns (written, evicted,
-        dropped): dropped are keys not written because of a fault or a read-only/off tier (counted as
-        dropped writes here). Never raises for a storage fault: a full map or filesystem evicts more
-        and retries.
+        (frame_files; `written` holds what `write_files` already wrote of these items), then every row
+        is committed in one transaction. Returns (written, evicted, dropped): dropped are keys not
+        written because of a fault or a read-only/off tier (counted as dropped writes here). Never
+        raises for a storage fault: a full map or filesystem evicts more and retries.
         """
         deletes = list(deletes)
         with self._touch_lock:
@@ -500,12 +537,11 @@ class DiskTier:
             stale, self._stale = self._stale, []
         shared = self._state()
         result: tuple[list[BlockKey], list[BlockKey]] | None = None
-        rows: list = []
-        files: dict[bytes, int] = {}
-        made_room: list[BlockKey] = []
+        done = written if written is not None else WrittenFiles()
+        rows, files, made_room = done.rows, done.files, done.made_room
         if shared is not None and not self.readonly:
             with shared.wlock:
-                rows, files, made_room = self._write_files(shared, items)
+                self._write_files(shared, items, done, evict=True)
                 result = self._write_with_retries(shared, rows, deletes, touched, stale)
         if result is None:
             self._files.unlink_now([self._files.path(k, fid) for k, fid in files.items()])
@@ -525,30 +561,40 @@ class DiskTier:
             self.recorder.dropped_write("disk", len(dropped))
         return written, evicted, dropped
 
-    def _write_files(self, shared: lmdb_env.SharedEnv, items: list) -> tuple[list, dict[bytes, int], list]:
-        """Write the large frames of `items` to their files: (rows for the transaction, key -> file id,
-        blocks evicted to make room on a full filesystem).
+    def _write_files(self, shared: lmdb_env.SharedEnv, items: list, done: "WrittenFiles",
+                     evict: bool = False) -> None:
+        """Write the large frames of `items` not yet in `done` to their files, adding to `done` the rows
+        for the transaction, key -> file id, and the blocks evicted to make room on a full filesystem.
 
-        A full filesystem evicts (and unlinks) least recently used blocks and tries again; a frame that
-        still does not fit, or any other write error, leaves that block out (dropped, nothing left behind).
+        With `evict` (the caller holds the eviction gate), a full filesystem evicts (and unlinks) least
+        recently used blocks and tries again; without, the frame is left for a call with `evict`. A frame
+        that still does not fit, or any other write error, leaves that block out (dropped, nothing
+        left behind).
         """
-        rows, files, gone = [], {}, []
+        rows, files, gone = done.rows, done.files, done.made_room
         fmin = self.file_min_bytes
         for k, frame, ns_id, ns_desc in items:
+            kb = bytes(k)
+            if kb in done.seen:
+                continue  # the same key twice in one batch (or handled by write_files): the first counts
             flen = frame_len(frame)
-            if bytes(k) in files:
-                continue  # the same key twice in one batch: its first frame is the one written
             if fmin is None or flen < fmin:
+                done.seen.add(kb)
                 rows.append((k, joined(frame), ns_id, ns_desc, flen))
                 continue
             if charged_bytes(flen) > self._budget:
+                done.seen.add(kb)
                 continue  # never fits: dropped, counted by the caller
             for attempt in range(3):
                 try:
                     fid = self._files.write(k, frame)
                 except OSError as e:
+                    full = describe_error(e)[0] == "full"
+                    if full and not evict:
+                        break  # left for write_batch, which may evict to make room
+                    done.seen.add(kb)
                     self._fault("store", e)  # counted, logged once; read-only media turn the tier read-only
-                    if describe_error(e)[0] == "full" and attempt < 2:
+                    if full and attempt < 2:
                         try:
                             gone += self._shrink(shared.env, [flen])
                         except lmdb.Error as e2:
@@ -556,10 +602,10 @@ class DiskTier:
                             break
                         continue
                     break
-                files[bytes(k)] = fid
+                done.seen.add(kb)
+                files[kb] = fid
                 rows.append((k, pointer(flen, fid), ns_id, ns_desc, flen))
                 break
-        return rows, files, gone
 
     def _write_with_retries(self, shared: lmdb_env.SharedEnv, items: list, deletes: list,
                             touched: dict, stale: list | None = None) -> tuple[list[BlockKey], list[BlockKey]] | None:
