@@ -626,3 +626,31 @@ def test_slab_scatter_by_runs_or_index_copy_is_exact(big, slots):
             assert bool((slab.tensor[s] == 7).all())
     finally:
         slab.close()
+
+
+def test_write_sources_as_numpy_bytes_are_the_blocks_own_memory():
+    """The write-behind encodes from numpy byte views made once per buffer: a staging buffer's view and a
+    host slot's row are the same memory as the tensors (a write to one shows in the other), reused
+    buffers keep their view, and a slab off the host has no such row."""
+    import numpy as np
+
+    from tiercache.tiers.slab import MemorySlab, StagingArea
+
+    lay = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.bfloat16, block_size=4)
+    area = StagingArea(lay, keep=1)
+    buf, raw = area.get(3), area.bytes(3)
+    assert raw.dtype == np.uint8 and raw.shape == (lay.block_bytes,)
+    buf.copy_(torch.randn(lay.block_shape).to(lay.dtype))
+    assert raw.tobytes() == buf.contiguous().view(torch.uint8).numpy().tobytes()
+    area.release(3)
+    assert area.get(7) is buf and area.bytes(7) is raw           # the spare comes back with its view
+    slab = MemorySlab("host", lay, 3, torch.device("cpu"))
+    slab.view(1).copy_(torch.randn(lay.block_shape).to(lay.dtype))
+    row = slab.row_bytes(1)
+    assert row.tobytes() == slab.view(1).contiguous().view(torch.uint8).numpy().tobytes()
+    row[:] = 0
+    assert not slab.view(1).view(torch.uint8).any()             # the row is the slot itself
+    assert slab.row_bytes(2).ctypes.data - row.ctypes.data == lay.block_bytes
+    meta = MemorySlab("device", lay, 3, torch.device("meta"))
+    with pytest.raises(ValueError, match="row_bytes: the device slab is on meta, not in host memory"):
+        meta.row_bytes(0)

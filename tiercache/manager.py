@@ -110,7 +110,7 @@ class TierCache:
             self._writer = WriteBehind(disk=self.disk, remote=self.remote, codec=self.codec, recorder=self.recorder,
                                        io=self._io, max_queue=cfg.write_queue_blocks, source=self.mover.tensor_of_job,
                                        done=self.core.complete_write, disk_changed=self._disk_changed, log=self._log,
-                                       gate=self._gate)
+                                       gate=self._gate, source_bytes=self.mover.bytes_of_job)
         self.reads = ReadPath(layout=layout, device=cfg.device, core=self.core, mover=self.mover, disk=self.disk,
                               gate=self._gate, engine=self.engine, recorder=self.recorder, queue=self._queue)
         self._update_usage()

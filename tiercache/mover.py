@@ -118,6 +118,13 @@ class Mover:
         """The bytes of a write job (a pinned host slot or a staging buffer)."""
         return self.tensor(job.src)
 
+    def bytes_of_job(self, job: Any) -> np.ndarray:
+        """tensor_of_job as uint8 numpy bytes, from views made once (a torch-to-numpy view costs ~3 us)."""
+        medium, slot = job.src
+        if medium == "stage":
+            return self.staging.bytes(slot)
+        return self.slabs[medium].row_bytes(slot)
+
     def write_blocks(self, plan: Any, kv6: torch.Tensor) -> None:
         """Copy the caller's blocks (kv6: [L, planes, n, B, H, D]) into every slot the store plan reserved."""
         per_slab: dict[str, tuple[list[int], list[int]]] = {}

@@ -102,11 +102,14 @@ class WriteBehind:
                  max_queue: int, source: Callable[[WriteJob], torch.Tensor],
                  done: Callable[[WriteJob, dict[str, bool]], None],
                  disk_changed: Callable[[list, list, int | None], None], log: OnceLogger,
-                 gate: EvictionGate | None = None) -> None:
+                 gate: EvictionGate | None = None, source_bytes: Callable[[WriteJob], Any] | None = None) -> None:
+        """`source`: a job's block as a tensor; `source_bytes` (optional): the same bytes as a uint8 numpy
+        array, cheaper per block than a view of the tensor."""
         self.gate = gate or EvictionGate()
         self.disk, self.remote, self.codec, self.recorder = disk, remote, codec, recorder
         self._io = io
         self._source = source
+        self._source_bytes = source_bytes or (lambda job: source(job).reshape(-1).view(torch.uint8).numpy())
         self._done = done
         self._disk_changed = disk_changed
         self._log = log
@@ -227,8 +230,7 @@ class WriteBehind:
         """The job's frame as buffers (views of its source where a segment is stored raw): the disk tier
         writes them with one writev, without joining them first. The source stays valid until the
         job is reported."""
-        raw = self._source(job).reshape(-1).view(torch.uint8).numpy()
-        return self.codec.encode_parts(raw, job.key)
+        return self.codec.encode_parts(self._source_bytes(job), job.key)
 
     def _write(self, jobs: list[WriteJob]) -> None:
         with self._del_lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 from .. import pinned
@@ -65,6 +66,7 @@ class MemorySlab:
         # queued read of another stream has yet to copy).
         self._reads: dict[int, torch.cuda.Event] = {}
         self._reads_lock = threading.Lock()
+        self._rows: np.ndarray | None = None  # row_bytes' view
 
     @property
     def pinned(self) -> bool:
@@ -79,6 +81,15 @@ class MemorySlab:
 
     def view(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
+
+    def row_bytes(self, slot: int) -> np.ndarray:
+        """A host slot's bytes as a uint8 numpy row (one view of the whole slab, made once)."""
+        rows = self._rows
+        if rows is None:
+            if self.device.type != "cpu":
+                raise ValueError(f"row_bytes: the {self.name} slab is on {self.device}, not in host memory")
+            rows = self._rows = self.tensor.view(self.num_slots, -1).view(torch.uint8).numpy()
+        return rows[slot]
 
     def note_read(self) -> None:
         """After enqueueing a read of this (CUDA) slab on the current stream: later writes from other streams
@@ -156,21 +167,32 @@ class StagingArea:
 
     def __init__(self, layout: KVLayout, keep: int = 64) -> None:
         self.layout = layout
-        self._bufs: dict[int, torch.Tensor] = {}
-        self._spare: list[torch.Tensor] = []
+        self._bufs: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # sid -> (buffer, its bytes as numpy)
+        self._spare: list[tuple[torch.Tensor, np.ndarray]] = []
         self._keep = keep
 
+    def _pair(self, sid: int) -> tuple[torch.Tensor, np.ndarray]:
+        pair = self._bufs.get(sid)
+        if pair is None:
+            if self._spare:
+                pair = self._spare.pop()
+            else:
+                buf = torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
+                pair = (buf, buf.view(-1).view(torch.uint8).numpy())
+            self._bufs[sid] = pair
+        return pair
+
     def get(self, sid: int) -> torch.Tensor:
-        buf = self._bufs.get(sid)
-        if buf is None:
-            buf = self._spare.pop() if self._spare else torch.empty(self.layout.block_shape, dtype=self.layout.dtype)
-            self._bufs[sid] = buf
-        return buf
+        return self._pair(sid)[0]
+
+    def bytes(self, sid: int) -> np.ndarray:
+        """The buffer of `sid` as uint8 numpy bytes (made with the buffer: no torch call per block)."""
+        return self._pair(sid)[1]
 
     def release(self, sid: int) -> None:
-        buf = self._bufs.pop(sid, None)
-        if buf is not None and len(self._spare) < self._keep:
-            self._spare.append(buf)
+        pair = self._bufs.pop(sid, None)
+        if pair is not None and len(self._spare) < self._keep:
+            self._spare.append(pair)
 
     def __len__(self) -> int:
         return len(self._bufs)
