@@ -108,8 +108,8 @@ def inject(monkeypatch, site: str, exc: BaseException, rng: random.Random) -> No
                     return cm.__exit__(*e)
             return Wrapped()
         monkeypatch.setattr(DiskTier, "reader", reader)
-    elif site == "stage_copy":
-        monkeypatch.setattr(slab.StagingArea, "get", Trigger(slab.StagingArea.get, exc, rng))
+    elif site == "stage_copy":  # every use of a staging buffer: as a tensor (get) or as numpy bytes (bytes)
+        monkeypatch.setattr(slab.StagingArea, "_pair", Trigger(slab.StagingArea._pair, exc, rng))
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_back"])
