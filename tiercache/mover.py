@@ -64,6 +64,7 @@ def _in_memory_raw(frame: Any) -> bool:
     Only a scheduling hint: every frame is still fully verified when it is decoded."""
     return not hasattr(frame, "readinto") and len(frame) > CODEC_OFFSET and frame[CODEC_OFFSET] == CODEC_NONE
 
+
 _NUMPY_COPY_BYTES = 256 << 10  # blocks below this are staged with numpy copies (see Mover._small_blocks)
 
 

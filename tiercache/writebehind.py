@@ -2,10 +2,11 @@
 
 `offer(job)` and `offer_many(jobs)` never block the caller: a full queue refuses, and the
 caller counts the drop and completes the job as failed. A store's jobs are queued under one lock
-with one wake-up of the thread (a put per block cost ~7 us at 512-byte blocks). The thread takes what is queued in
-batches, encodes each block ONCE on the I/O pool (zstd releases the GIL), asks
-the remote which blocks it already has (one round trip) and skips those, commits
-the disk frames in one LMDB transaction and the remote frames in one pipeline,
+with one wake-up of the thread (a put per block cost ~7 us at 512-byte blocks). The thread takes
+what is queued in batches, encodes each block ONCE (on the I/O pool where compressing large
+blocks pays: zstd releases the GIL), asks the remote which blocks it already has (one round trip)
+and skips those, writes the batch's frame files, then commits its rows in one LMDB transaction
+(only this commit holds the eviction gate) and sends the remote frames in one pipeline,
 and then reports each job's outcome per tier. A job's source bytes (a pinned host
 slot or a staging buffer) are released only after that report, so a block on its
 way down is readable from memory until the slow tier has it: no gap in between.
@@ -29,6 +30,7 @@ from .errors import OnceLogger
 from .tiers.frame_files import frame_len, joined
 
 _BATCH = 64
+_PARALLEL_ENCODE_BYTES = 64 << 10  # blocks smaller than this are encoded by the writer thread itself
 
 
 class _JobQueue(queue.Queue):
@@ -52,7 +54,6 @@ class _JobQueue(queue.Queue):
             if got:
                 self.not_full.notify(len(got))
             return got
-_PARALLEL_ENCODE_BYTES = 64 << 10  # blocks smaller than this are encoded by the writer thread itself
 
 
 class EvictionGate:
