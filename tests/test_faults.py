@@ -299,6 +299,18 @@ def test_damaged_uncompressed_frame_is_a_counted_miss_in_every_read(tmp_path, fr
             assert_idle(cache)
 
 
+def dropped_then_exact(cache: TierCache, p: list, dropped: int, restore, q: list, kv_q: torch.Tensor) -> None:
+    """After a disk write that failed behind a store of p: p is served from nowhere, the drops are counted,
+    nothing stays pinned; once `restore()` undoes the fault, a store of q comes back exact."""
+    assert cache.lookup(p) == 0 and cache.load(p).shape[2] == 0
+    assert cache.stats()["dropped_writes"].get("disk", 0) == dropped
+    assert_idle(cache)
+    restore()
+    cache.store(q, kv_q)
+    cache.flush()
+    assert torch.equal(cache.load(q).view(torch.uint8), kv_q.view(torch.uint8))
+
+
 @pytest.mark.parametrize("compression", ["none", "byteplane"], ids=["writer-thread", "pool"])
 @pytest.mark.parametrize("exc", [Boom("encode"), MemoryError()], ids=["exception", "oom"])
 def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wrong(tmp_path, monkeypatch,
@@ -322,13 +334,7 @@ def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wro
         cache.flush()
         writer = cache._writer._thread.ident
         assert (threads == {writer}) == (compression == "none"), threads  # where the encode ran
-        assert cache.lookup(p) == 0 and cache.load(p).shape[2] == 0
-        assert cache.stats()["dropped_writes"].get("disk", 0) == 4
-        assert_idle(cache)
-        monkeypatch.setattr(BlockCodec, "encode_parts", real)
-        cache.store(q, kv_q)
-        cache.flush()
-        assert torch.equal(cache.load(q).view(torch.uint8), kv_q.view(torch.uint8))
+        dropped_then_exact(cache, p, 4, lambda: monkeypatch.setattr(BlockCodec, "encode_parts", real), q, kv_q)
     with make_cache(tmp_path, layout=big, host_bytes=0, device_bytes=0, compression=compression) as again:
         assert again.lookup(p) == 0 and again.lookup(q) == 64
 
@@ -358,13 +364,7 @@ def test_frame_file_write_fault_before_the_commit_leaves_no_file_and_serves_noth
         cache.flush()
         assert len(calls) == 3
         assert not [f for f in store.rglob("*") if f.is_file() and f.parent != store], "a frame file was left"
-        assert cache.lookup(p) == 0 and cache.load(p).shape[2] == 0
-        assert cache.stats()["dropped_writes"].get("disk", 0) == 8
-        assert_idle(cache)
-        monkeypatch.setattr(FrameFiles, "write", real)
-        cache.store(q, kv_q)
-        cache.flush()
-        assert torch.equal(cache.load(q).view(torch.uint8), kv_q.view(torch.uint8))
+        dropped_then_exact(cache, p, 8, lambda: monkeypatch.setattr(FrameFiles, "write", real), q, kv_q)
         assert len([f for f in store.rglob("*") if f.is_file() and f.parent != store]) == 8  # where files go
     with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as again:
         assert again.lookup(p) == 0 and again.lookup(q) == 32
