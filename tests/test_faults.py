@@ -339,6 +339,33 @@ def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wro
         assert again.lookup(p) == 0 and again.lookup(q) == 64
 
 
+@pytest.mark.parametrize("exc", [Boom("gate"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+def test_fault_while_the_writer_waits_for_the_gate_removes_the_batchs_files(tmp_path, monkeypatch, exc):
+    """Between writing a batch's frame files and its commit the writer takes the eviction gate. A fault
+    raised there (an interrupt delivered while it waits): the files already written are removed, the batch
+    is dropped and counted, nothing is served from disk or stays pinned, and the next store is exact."""
+    from tiercache.writebehind import EvictionGate
+
+    p, q = list(range(32)), list(range(1000, 1032))
+    g = torch.Generator().manual_seed(5)
+    kv_p, kv_q = (torch.randn(L.kv_shape(32), generator=g).to(L.dtype) for _ in range(2))
+    store = tmp_path / "store"
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as cache:
+        real, written = EvictionGate.exclusive, []
+
+        def failing(self):
+            written.append(len([f for f in store.rglob("*") if f.is_file() and f.parent != store]))
+            raise exc
+        monkeypatch.setattr(EvictionGate, "exclusive", failing)
+        assert cache.store(p, kv_p) == 32  # cached while staged; the disk write fails behind it
+        cache.flush()
+        assert written == [8]  # the batch's files were on disk when the fault came
+        assert not [f for f in store.rglob("*") if f.is_file() and f.parent != store], "a frame file was left"
+        dropped_then_exact(cache, p, 8, lambda: monkeypatch.setattr(EvictionGate, "exclusive", real), q, kv_q)
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as again:
+        assert again.lookup(p) == 0 and again.lookup(q) == 32
+
+
 @pytest.mark.parametrize("exc", [Boom("file write"), KeyboardInterrupt()], ids=["exception", "interrupt"])
 def test_frame_file_write_fault_before_the_commit_leaves_no_file_and_serves_nothing_wrong(tmp_path, monkeypatch,
                                                                                         exc):
