@@ -339,60 +339,49 @@ def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wro
         assert again.lookup(p) == 0 and again.lookup(q) == 64
 
 
-@pytest.mark.parametrize("exc", [Boom("gate"), KeyboardInterrupt()], ids=["exception", "interrupt"])
-def test_fault_while_the_writer_waits_for_the_gate_removes_the_batchs_files(tmp_path, monkeypatch, exc):
-    """Between writing a batch's frame files and its commit the writer takes the eviction gate. A fault
-    raised there (an interrupt delivered while it waits): the files already written are removed, the batch
-    is dropped and counted, nothing is served from disk or stays pinned, and the next store is exact."""
-    from tiercache.writebehind import EvictionGate
-
-    p, q = list(range(32)), list(range(1000, 1032))
-    g = torch.Generator().manual_seed(5)
-    kv_p, kv_q = (torch.randn(L.kv_shape(32), generator=g).to(L.dtype) for _ in range(2))
-    store = tmp_path / "store"
-    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as cache:
-        real, written = EvictionGate.exclusive, []
-
-        def failing(self):
-            written.append(len([f for f in store.rglob("*") if f.is_file() and f.parent != store]))
-            raise exc
-        monkeypatch.setattr(EvictionGate, "exclusive", failing)
-        assert cache.store(p, kv_p) == 32  # cached while staged; the disk write fails behind it
-        cache.flush()
-        assert written == [8]  # the batch's files were on disk when the fault came
-        assert not [f for f in store.rglob("*") if f.is_file() and f.parent != store], "a frame file was left"
-        dropped_then_exact(cache, p, 8, lambda: monkeypatch.setattr(EvictionGate, "exclusive", real), q, kv_q)
-    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as again:
-        assert again.lookup(p) == 0 and again.lookup(q) == 32
-
-
-@pytest.mark.parametrize("exc", [Boom("file write"), KeyboardInterrupt()], ids=["exception", "interrupt"])
-def test_frame_file_write_fault_before_the_commit_leaves_no_file_and_serves_nothing_wrong(tmp_path, monkeypatch,
-                                                                                        exc):
-    """Frame files are written before the eviction gate and the commit. A write that raises midway (the
-    third file of the batch): the files already written are removed (no row points to them), the batch
-    is dropped and counted, nothing is served from disk or stays pinned, and the next store is exact."""
+@pytest.mark.parametrize("site", ["file_write", "gate"])
+@pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+def test_fault_between_frame_files_and_commit_leaves_no_file_and_serves_nothing_wrong(tmp_path, monkeypatch,
+                                                                                    site, exc):
+    """Frame files are written before the writer takes the eviction gate for the commit. A fault there: in
+    the third file write of the batch (`file_write`), or while the writer waits for the gate with all 8
+    files written (`gate`, as an interrupt delivered then). The files already written are removed (no row
+    points to them), the batch is dropped and counted, nothing is served from disk or stays pinned, and
+    the next store is exact."""
     from tiercache.tiers.frame_files import FrameFiles
+    from tiercache.writebehind import EvictionGate
 
     p, q = list(range(32)), list(range(1000, 1032))
     g = torch.Generator().manual_seed(4)
     kv_p, kv_q = (torch.randn(L.kv_shape(32), generator=g).to(L.dtype) for _ in range(2))
     store = tmp_path / "store"
-    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as cache:
-        real, calls = FrameFiles.write, []
 
-        def failing(self, key, frame):
-            calls.append(key)
-            if len(calls) == 3:
+    def frame_files() -> list:
+        return [f for f in store.rglob("*") if f.is_file() and f.parent != store]
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as cache:
+        seen: list = []
+        if site == "file_write":
+            owner, name = FrameFiles, "write"
+
+            def failing(self, key, frame):
+                seen.append(key)
+                if len(seen) == 3:
+                    raise exc
+                return real(self, key, frame)
+        else:
+            owner, name = EvictionGate, "exclusive"
+
+            def failing(self):
+                seen.append(len(frame_files()))
                 raise exc
-            return real(self, key, frame)
-        monkeypatch.setattr(FrameFiles, "write", failing)
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, failing)
         assert cache.store(p, kv_p) == 32  # cached while staged; the disk write fails behind it
         cache.flush()
-        assert len(calls) == 3
-        assert not [f for f in store.rglob("*") if f.is_file() and f.parent != store], "a frame file was left"
-        dropped_then_exact(cache, p, 8, lambda: monkeypatch.setattr(FrameFiles, "write", real), q, kv_q)
-        assert len([f for f in store.rglob("*") if f.is_file() and f.parent != store]) == 8  # where files go
+        assert (len(seen) == 3) if site == "file_write" else (seen == [8])  # where the fault came
+        assert not frame_files(), "a frame file was left"
+        dropped_then_exact(cache, p, 8, lambda: monkeypatch.setattr(owner, name, real), q, kv_q)
+        assert len(frame_files()) == 8  # where files go
     with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as again:
         assert again.lookup(p) == 0 and again.lookup(q) == 32
         assert torch.equal(again.load(q).view(torch.uint8), kv_q.view(torch.uint8))
