@@ -172,25 +172,18 @@ class BlockCodec:
                              f"of {self.itemsize}-byte elements")
         out = FrameParts([b""])
         digest = xxhash.xxh3_64_intdigest
-        if n // self.num_segments < MIN_SEGMENT_BYTES:  # one segment: the common case of small blocks
-            nseg = 1
-            parts = self._encode_segment(raw)
-            payload_len = n if self.codec == CODEC_NONE else sum(len(p) for p in parts)
-            table = _ENTRY.pack(payload_len, digest(raw, seed=seed))
+        nseg = self.num_segments if n // self.num_segments >= MIN_SEGMENT_BYTES else 1
+        seg_len = n // nseg
+        entries = []
+        payload_len = 0
+        for i in range(nseg):
+            seg = raw[i * seg_len:(i + 1) * seg_len] if nseg > 1 else raw
+            parts = self._encode_segment(seg)
+            m = seg_len if self.codec == CODEC_NONE else sum(len(p) for p in parts)
+            entries.append(_ENTRY.pack(m, digest(seg, seed=(seed + i) & _SEED_MASK)))
+            payload_len += m
             out += parts
-        else:
-            nseg = self.num_segments
-            seg_len = n // nseg
-            entries = []
-            payload_len = 0
-            for i in range(nseg):
-                seg = raw[i * seg_len:(i + 1) * seg_len]
-                parts = self._encode_segment(seg)
-                m = seg_len if self.codec == CODEC_NONE else sum(len(p) for p in parts)
-                entries.append(_ENTRY.pack(m, digest(seg, seed=(seed + i) & _SEED_MASK)))
-                payload_len += m
-                out += parts
-            table = b"".join(entries)
+        table = entries[0] if nseg == 1 else b"".join(entries)
         head = _HEAD.pack(MAGIC, FORMAT_VERSION, self.codec, self.itemsize, 0, self.layout_fp, n,
                           digest(table, seed=seed), bytes(key), nseg, 0)
         out[0] = b"".join((head[:-4], _U32.pack(xxhash.xxh32_intdigest(head[:-4])), _PAYLOAD_LEN.pack(payload_len),
