@@ -50,7 +50,7 @@ class Where:
             else:
                 return out, None
             start = len(out)
-        elif not self.order and not self.stage and hasattr(self.disk, "run_known"):
+        elif not self.order and not self.stage and self.disk is not None:
             # a disk-only cache with nothing on its way down: the disk index alone, in one call
             n = self.disk.run_known(keys)
             out = [_ON_DISK] * n
