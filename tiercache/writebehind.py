@@ -103,14 +103,14 @@ class WriteBehind:
                  max_queue: int, source: Callable[[WriteJob], torch.Tensor],
                  done: Callable[[WriteJob, dict[str, bool]], None],
                  disk_changed: Callable[[list, list, int | None], None], log: OnceLogger,
-                 gate: EvictionGate | None = None, source_bytes: Callable[[WriteJob], Any] | None = None) -> None:
-        """`source`: a job's block as a tensor; `source_bytes` (optional): the same bytes as a uint8 numpy
-        array, cheaper per block than a view of the tensor."""
+                 source_bytes: Callable[[WriteJob], Any], gate: EvictionGate | None = None) -> None:
+        """`source`: a job's block as a tensor; `source_bytes`: the same bytes as a uint8 numpy array (what
+        the encoder reads: cheaper per block than a view of the tensor)."""
         self.gate = gate or EvictionGate()
         self.disk, self.remote, self.codec, self.recorder = disk, remote, codec, recorder
         self._io = io
         self._source = source
-        self._source_bytes = source_bytes or (lambda job: source(job).reshape(-1).view(torch.uint8).numpy())
+        self._source_bytes = source_bytes
         self._done = done
         self._disk_changed = disk_changed
         self._log = log
