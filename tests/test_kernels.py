@@ -226,6 +226,29 @@ def test_pyproject_lists_every_tiercache_package():
     assert cfg["package-dir"]["tiercache_kernels"] == "kernels"
 
 
+def test_the_kernels_folder_does_not_shadow_pypi_kernels():
+    """Run from the repository root (`python -m pytest`, `python -m tiercache`), the kernels/ folder is
+    importable as a top-level `kernels`, the name of a PyPI package that transformers imports: it hands
+    that name over to the installed package (or says there is none) and stays tiercache_kernels itself."""
+    code = ("try:\n"
+            "    import kernels\n"
+            "except ModuleNotFoundError as e:\n"
+            "    print('none', e.name)\n"
+            "else:\n"
+            "    print('found', kernels.__file__)\n"
+            "import tiercache_kernels\n"
+            "print('ours', tiercache_kernels.__file__, callable(tiercache_kernels.gather))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, ours = r.stdout.splitlines()
+    if first.startswith("found"):
+        assert not first.split(" ", 1)[1].startswith(str(ROOT / "kernels")), first
+        assert "site-packages" in first or "dist-packages" in first, first
+    else:
+        assert first == "none kernels", first
+    assert ours.startswith(f"ours {ROOT / 'kernels'}") and ours.endswith("True"), ours
+
+
 # -- the Triton kernel, through Triton's interpreter --------------------------------------------------
 def test_triton_kernels_through_the_interpreter():
     """Runs this file's `interp` tests in a subprocess with TRITON_INTERPRET=1 (it must precede `import triton`)."""
