@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -158,6 +159,21 @@ def stored_frame(path, key: bytes) -> bytes:
     got: list[bytes] = []
     rewrite_frame(path, key, lambda f: got.append(bytes(f)) or f)
     return got[0]
+
+
+def takes_direct(path) -> bool:
+    """Whether the filesystem of `path` takes O_DIRECT (the disk tier's frame-file writes ask for it)."""
+    import fcntl
+    probe = os.path.join(str(path), ".direct-probe")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | getattr(os, "O_DIRECT", 0))
+        return hasattr(os, "O_DIRECT")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 @pytest.fixture

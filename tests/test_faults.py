@@ -17,7 +17,7 @@ import torch
 from tiercache import CacheConfig, KVLayout, TierCache
 from tiercache.codec import CODEC_BYTEPLANE, CODEC_OFFSET, BlockCodec
 
-from .conftest import rewrite_frame, stored_frame
+from .conftest import rewrite_frame, stored_frame, takes_direct
 
 pytestmark = pytest.mark.usefixtures("frame_home")  # frames in LMDB, and in files
 
@@ -339,15 +339,16 @@ def test_encode_fault_in_the_write_behind_drops_the_batch_and_serves_nothing_wro
         assert again.lookup(p) == 0 and again.lookup(q) == 64
 
 
-@pytest.mark.parametrize("site", ["file_write", "gate"])
+@pytest.mark.parametrize("site", ["file_write", "direct_write", "gate"])
 @pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])
 def test_fault_between_frame_files_and_commit_leaves_no_file_and_serves_nothing_wrong(tmp_path, monkeypatch,
                                                                                     site, exc):
     """Frame files are written before the writer takes the eviction gate for the commit. A fault there: in
-    the third file write of the batch (`file_write`), or while the writer waits for the gate with all 8
-    files written (`gate`, as an interrupt delivered then). The files already written are removed (no row
-    points to them), the batch is dropped and counted, nothing is served from disk or stays pinned, and
-    the next store is exact."""
+    the third file write of the batch (`file_write`), in the device write of the third file after its
+    bytes were copied into the aligned buffer (`direct_write`, O_DIRECT), or while the writer waits for
+    the gate with all 8 files written (`gate`, as an interrupt delivered then). The files already written
+    are removed (no row points to them), the batch is dropped and counted, nothing is served from disk or
+    stays pinned, and the next store is exact."""
     from tiercache.tiers.frame_files import FrameFiles
     from tiercache.writebehind import EvictionGate
 
@@ -363,11 +364,21 @@ def test_fault_between_frame_files_and_commit_leaves_no_file_and_serves_nothing_
         if site == "file_write":
             owner, name = FrameFiles, "write"
 
-            def failing(self, key, frame):
+            def failing(self, key, frame, *a):
                 seen.append(key)
                 if len(seen) == 3:
                     raise exc
-                return real(self, key, frame)
+                return real(self, key, frame, *a)
+        elif site == "direct_write":
+            owner, name = FrameFiles, "_flush_direct"
+            if not takes_direct(tmp_path):
+                pytest.skip("this filesystem refuses O_DIRECT")
+
+            def failing(self, fd, *a):
+                seen.append(fd)
+                if len(seen) == 3:
+                    raise exc
+                return real(self, fd, *a)
         else:
             owner, name = EvictionGate, "exclusive"
 
@@ -378,7 +389,7 @@ def test_fault_between_frame_files_and_commit_leaves_no_file_and_serves_nothing_
         monkeypatch.setattr(owner, name, failing)
         assert cache.store(p, kv_p) == 32  # cached while staged; the disk write fails behind it
         cache.flush()
-        assert (len(seen) == 3) if site == "file_write" else (seen == [8])  # where the fault came
+        assert (seen == [8]) if site == "gate" else (len(seen) == 3)  # where the fault came
         assert not frame_files(), "a frame file was left"
         dropped_then_exact(cache, p, 8, lambda: monkeypatch.setattr(owner, name, real), q, kv_q)
         assert len(frame_files()) == 8  # where files go

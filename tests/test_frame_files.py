@@ -30,7 +30,7 @@ from tiercache.tiers import frame_files
 from tiercache.tiers.disk import DiskTier, open_existing
 from tiercache.tiers.frame_files import FileFrame, file_name, parse_pointer
 
-from .conftest import make_kv, rewrite_frame, same_bytes, stored_frame
+from .conftest import make_kv, rewrite_frame, same_bytes, stored_frame, takes_direct
 
 # DiskTier-level tests: 16 KiB blocks (one segment each), frames stored raw
 LAY = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
@@ -363,25 +363,30 @@ def _loads_exact_or_miss(layout, path, prompts: dict[int, torch.Tensor]) -> dict
     return served
 
 
-def _killed_mid_writev(path, kill_at: int) -> subprocess.CompletedProcess:
+def _killed_mid_write(path, kill_at: int, direct: bool) -> subprocess.CompletedProcess:
+    """A child stores 4 prompts, then dies in the middle of its `kill_at`-th frame-file write: a buffered
+    writev (half the frame's bytes written), or an O_DIRECT write (the aligned half of its buffer)."""
     return run_child(f"""
     from tiercache import TierCache, KVLayout
     from tests.conftest import make_kv
     lay = KVLayout(**{SMALL!r})
-    c = TierCache(small_cfg(lay, {str(path)!r}))
+    c = TierCache(small_cfg(lay, {str(path)!r}, disk_direct_writes={direct!r}))
     for j in range(4):                                  # 4 prompts of 8 blocks, committed
         c.store(list(range(j * 1000, j * 1000 + 32)), make_kv(lay, 32, seed=j))
         c.flush()
     c._writer.pause()                                   # the next prompt's 8 blocks: one write batch
-    real, calls = os.writev, [0]
-    def dying_writev(fd, bufs):
+    name = "write" if {direct!r} else "writev"
+    real, write, calls = getattr(os, name), os.write, [0]
+    def dying(fd, bufs):
         calls[0] += 1
         if calls[0] == {kill_at}:                       # half of this frame's bytes, then the process dies
-            data = b"".join(bytes(b) for b in bufs)
-            os.write(fd, data[:len(data) // 2])
+            data = bytes(bufs) if name == "write" else b"".join(bytes(b) for b in bufs)
+            half = len(data) // 2 // 4096 * 4096 if name == "write" else len(data) // 2
+            if half:
+                write(fd, data[:half])
             os.kill(os.getpid(), signal.SIGKILL)
         return real(fd, bufs)
-    os.writev = dying_writev
+    setattr(os, name, dying)
     c.store(list(range(4000, 4032)), make_kv(lay, 32, seed=4))
     c._writer.resume()
     c.flush()
@@ -389,19 +394,23 @@ def _killed_mid_writev(path, kill_at: int) -> subprocess.CompletedProcess:
     """)
 
 
-def test_killed_while_writing_frame_files(tmp_path, layout):
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_killed_while_writing_frame_files(tmp_path, layout, direct):
     path = tmp_path / "store"
-    r = _killed_mid_writev(path, kill_at=5)
+    if direct and not takes_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    r = _killed_mid_write(path, 5, direct)
     assert r.returncode == -9, f"rc {r.returncode}: {r.stdout} {r.stderr[-2000:]}"
     prompts = {j: make_kv(layout, 32, seed=j) for j in range(5)}
     ptrs = stored_pointers(path)
     assert len(ptrs) == 32 and all(p is not None for p in ptrs.values())   # the 5th prompt: nothing committed
     orphans = _orphans(path)
-    assert len(orphans) == 5                                 # 4 whole files of the killed batch, and a half one
+    assert len(orphans) == 5                                 # 4 whole files of the killed batch, and a cut one
     files = files_on_disk(path)
     sizes = sorted(os.path.getsize(files[n]) for n in orphans)
     flen = next(iter(ptrs.values()))[0]
-    assert sizes == [flen // 2] + [flen] * 4
+    # a direct write of a frame this small is one padded 4 KiB piece: killed before it, the file is empty
+    assert sizes == [0 if direct else flen // 2] + [flen] * 4
     # a young orphan may be another process's write in flight: an open keeps it
     assert _loads_exact_or_miss(layout, path, prompts) == {0: 32, 1: 32, 2: 32, 3: 32, 4: 0}
     assert _orphans(path) == orphans
@@ -421,7 +430,7 @@ def test_killed_while_writing_frame_files(tmp_path, layout):
 
 def test_orphan_age_setting_is_honoured_at_open(tmp_path, layout, monkeypatch):
     path = tmp_path / "store"
-    r = _killed_mid_writev(path, kill_at=3)
+    r = _killed_mid_write(path, 3, direct=takes_direct(tmp_path))
     assert r.returncode == -9, r.stderr[-2000:]
     assert len(_orphans(path)) == 3
     monkeypatch.setattr(frame_files, "ORPHAN_AGE_S", 0.0)
@@ -928,3 +937,153 @@ def test_consume_drops_what_a_vectored_call_moved():
         views = [memoryview(d) for d in data]
         frame_files._consume(views, n)
         assert b"".join(bytes(v) for v in views) == b"".join(data)[n:], n
+
+
+# -- 9. O_DIRECT writes -------------------------------------------------------------------------------------
+
+DIRECT_LENGTHS = (1, 4095, 4096, 4097, 3 * 4096 + 5, 64 << 10, (64 << 10) + 1, 3 * (64 << 10) + 4095)
+
+
+def _frame(n: int, seed: int, split: bool) -> tuple[object, bytes]:
+    """A frame of n bytes as one buffer, or as the codec hands it over: a short header, then arrays."""
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    if not split or n < 40:
+        return data, data.tobytes()
+    cut = n // 3
+    return [data[:37].tobytes(), data[37:cut], data[cut:]], data.tobytes()
+
+
+def _direct_flags(monkeypatch) -> list[bool]:
+    """Record, for every write the frame files make, whether its descriptor had O_DIRECT set."""
+    import fcntl
+    seen: list[bool] = []
+    real = os.write
+
+    def spy(fd, data):
+        seen.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real(fd, data)
+    monkeypatch.setattr(frame_files.os, "write", spy)
+    return seen
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-buffer", "parts"])
+def test_direct_writes_are_exact_at_every_length(tmp_path, monkeypatch, split):
+    """A frame written with O_DIRECT goes through an aligned buffer in DIRECT_CHUNK pieces (64 KiB here, so
+    the lengths cross piece and alignment boundaries), the last piece padded: the file is exactly the frame,
+    length included, and every write was a direct one."""
+    if not takes_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr(frame_files, "DIRECT_CHUNK", 64 << 10)
+    flags = _direct_flags(monkeypatch)
+    files = frame_files.FrameFiles(str(tmp_path))
+    for i, n in enumerate(DIRECT_LENGTHS):
+        frame, want = _frame(n, i, split)
+        fid = files.write(key(i), frame, direct=True)
+        path = files.path(key(i), fid)
+        assert os.path.getsize(path) == n
+        with open(path, "rb") as f:
+            assert f.read() == want, n
+    assert files.direct_refused is None
+    assert len(flags) >= sum(-(-n // (64 << 10)) for n in DIRECT_LENGTHS) and all(flags), flags
+
+
+def test_buffered_writes_when_not_asked(tmp_path, monkeypatch):
+    flags = _direct_flags(monkeypatch)
+    writev = os.writev
+    monkeypatch.setattr(frame_files.os, "writev", lambda fd, parts: flags.append("writev") or writev(fd, parts))
+    files = frame_files.FrameFiles(str(tmp_path))
+    frame, want = _frame(5000, 1, True)
+    with open(files.path(key(1), files.write(key(1), frame)), "rb") as f:
+        assert f.read() == want
+    assert flags == ["writev"]
+
+
+def test_direct_writes_fall_back_where_the_filesystem_refuses(tmp_path, monkeypatch, caplog):
+    """A filesystem that refuses O_DIRECT (EINVAL from fcntl, as tmpfs on older kernels and some network file
+    systems say): the frames are written buffered, exact, the refusal is logged once with the setting, and
+    O_DIRECT is not asked for again."""
+    import fcntl
+    asked: list[int] = []
+    real = fcntl.fcntl
+
+    def refusing(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            asked.append(fd)
+            raise OSError(22, "Invalid argument")
+        return real(fd, cmd, arg)
+    monkeypatch.setattr(fcntl, "fcntl", refusing)
+    lay = KVLayout(**ROWS)
+    cfg = CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path=tmp_path / "store", disk_bytes="64MiB",
+                      compression="none", disk_file_bytes=0)
+    with caplog.at_level(logging.WARNING, logger="tiercache"), TierCache(cfg) as c:
+        kvs = [make_kv(lay, 32, seed=j) for j in range(2)]
+        for j, kv in enumerate(kvs):
+            c.store(list(range(j * 100, j * 100 + 32)), kv)
+            c.flush()
+        for j, kv in enumerate(kvs):
+            assert same_bytes(c.load(list(range(j * 100, j * 100 + 32))), kv)
+        assert c.stats()["dropped_writes"].get("disk", 0) == 0
+    assert len(asked) == 1, asked
+    (line,) = _log_lines(caplog, "O_DIRECT was refused")
+    assert "disk_direct_writes=False" in line and "Invalid argument" in line
+
+
+@pytest.mark.parametrize("short", [8192, 5000], ids=["aligned", "unaligned"])
+def test_a_short_direct_write_is_finished(tmp_path, monkeypatch, short):
+    """The device takes less than asked (a filesystem near full): the rest is written after it, direct while
+    the offset stays aligned, buffered once it is not; the file is exact either way."""
+    import fcntl
+    if not takes_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr(frame_files, "DIRECT_CHUNK", 64 << 10)
+    calls: list[bool] = []
+    real = os.write
+
+    def short_once(fd, data):
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        calls.append(direct)
+        if len(calls) > 1 or short % 4096 == 0:
+            return real(fd, data[:short] if len(calls) == 1 else data)
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)  # the kernel can stop at any byte: do it without O_DIRECT
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
+        try:
+            return real(fd, data[:short])
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl)
+    monkeypatch.setattr(frame_files.os, "write", short_once)
+    files = frame_files.FrameFiles(str(tmp_path))
+    frame, want = _frame(3 * (64 << 10) + 11, 7, True)
+    path = files.path(key(1), files.write(key(1), frame, direct=True))
+    with open(path, "rb") as f:
+        assert f.read() == want
+    assert calls[0] and calls[1] == (short % 4096 == 0), calls  # after an unaligned stop: buffered
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["enospc", "interrupt"])
+@pytest.mark.parametrize("piece", [1, 3], ids=["on-the-helper", "last-piece"])
+def test_a_direct_write_that_fails_leaves_nothing(tmp_path, monkeypatch, exc, piece):
+    """A piece's device write fails: the second of four (written by the helper thread while the writer fills
+    the other buffer) or the last (written by the writer itself). The error reaches the caller, no file and
+    no descriptor are left, and the next write of the same thread is exact."""
+    if not takes_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr(frame_files, "DIRECT_CHUNK", 64 << 10)
+    files = frame_files.FrameFiles(str(tmp_path))
+    real = frame_files.FrameFiles._flush_direct
+    n_calls: list[int] = []
+
+    def failing(self, fd, buf, n, path):
+        n_calls.append(n)
+        if len(n_calls) == piece + 1:
+            raise exc
+        return real(self, fd, buf, n, path)
+    monkeypatch.setattr(frame_files.FrameFiles, "_flush_direct", failing)
+    fds = len(os.listdir("/proc/self/fd"))
+    frame, want = _frame(3 * (64 << 10) + 11, 3, True)
+    with pytest.raises(type(exc)):
+        files.write(key(1), frame, direct=True)
+    assert not list(tmp_path.rglob("*.*")), list(tmp_path.rglob("*"))
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with open(files.path(key(2), files.write(key(2), frame, direct=True)), "rb") as f:
+        assert f.read() == want

@@ -176,6 +176,11 @@ class CacheConfig:
     # frames at least this long are files of their own next to the LMDB index, written with one writev and
     # read with positional reads (raw-file speed); smaller ones stay inside LMDB. None: every frame in LMDB
     disk_file_bytes: Any = "256KiB"
+    # frame files are written with O_DIRECT: from an aligned buffer straight to the device, not through the
+    # page cache (whose writeback paces a buffered writer, and which would hold a second copy of blocks the
+    # host tier holds). Loads still read through the page cache. Where the filesystem refuses O_DIRECT
+    # (tmpfs, some network file systems) the writes are buffered, said once. False: always buffered
+    disk_direct_writes: bool = True
     io_threads: int = 2
     # integrations that can load in the background (the vLLM connector) do so for a request whose blocks to
     # bring up from disk or remote exceed this; 0: always, None: never (loads finish before the forward)
@@ -234,6 +239,8 @@ class CacheConfig:
         _positive_int(self.write_queue_blocks, "write_queue_blocks")
         if not isinstance(self.disk_writemap, bool):
             raise TypeError(f"disk_writemap: expected a bool, got {self.disk_writemap!r}")
+        if not isinstance(self.disk_direct_writes, bool):
+            raise TypeError(f"disk_direct_writes: expected a bool, got {self.disk_direct_writes!r}")
         _positive_int(self.io_threads, "io_threads")
         if self.disk_file_bytes is not None:
             object.__setattr__(self, "disk_file_bytes", parse_size(self.disk_file_bytes, "disk_file_bytes"))

@@ -419,7 +419,7 @@ def _disk_compression(disk: Any, configured: str, threads: int) -> str:
 def _open_disk(cls: Any, cfg: CacheConfig, layout: Any, log: OnceLogger, recorder: Recorder) -> Any:
     try:
         disk = cls(cfg.disk_path, layout, cfg.disk_bytes, writemap=cfg.disk_writemap, log=log, recorder=recorder,
-                   file_min_bytes=cfg.disk_file_bytes)
+                   file_min_bytes=cfg.disk_file_bytes, direct_writes=cfg.disk_direct_writes)
     except TypeError:  # a DiskTier without fault reporting hooks
         disk = cls(cfg.disk_path, layout, cfg.disk_bytes, writemap=cfg.disk_writemap)
     return disk if getattr(disk, "available", True) else None

@@ -73,11 +73,13 @@ class DiskTier:
     def __init__(self, path: str, layout: KVLayout, capacity_bytes: int, readonly: bool = False,
                  writemap: bool = False, log: OnceLogger | None = None, recorder: Any = None,
                  _strict: bool = False, _lock: bool = True,
-                 file_min_bytes: int | None = frame_files.FILE_MIN_BYTES) -> None:
+                 file_min_bytes: int | None = frame_files.FILE_MIN_BYTES, direct_writes: bool = False) -> None:
         self.path = os.fspath(path)
         self._real_path = os.path.realpath(self.path)
         # frames of at least this many bytes are written to files of their own (None: all in LMDB)
         self.file_min_bytes = file_min_bytes
+        # frame files written with O_DIRECT where the filesystem takes it (frame_files.FrameFiles.write)
+        self.direct_writes = direct_writes
         self._stale: list[tuple[BlockKey, int]] = []  # rows whose file is gone: deleted by the next write
         self.layout = layout
         self.capacity_bytes = capacity_bytes
@@ -587,7 +589,7 @@ class DiskTier:
                 continue  # never fits: dropped, counted by the caller
             for attempt in range(3):
                 try:
-                    fid = self._files.write(k, frame)
+                    fid = self._files.write(k, frame, self.direct_writes)
                 except OSError as e:
                     full = describe_error(e)[0] == "full"
                     if full and not evict:
@@ -606,6 +608,11 @@ class DiskTier:
                 files[kb] = fid
                 rows.append((k, pointer(flen, fid), ns_id, ns_desc, flen))
                 break
+        if self.direct_writes and self._files.direct_refused is not None:
+            self.log.warning("disk-direct", "tiercache: disk tier: frame files at disk_path=%s are written through "
+                             "the page cache: O_DIRECT was refused (%s); set disk_direct_writes=False to not "
+                             "ask, or put disk_path on a filesystem that takes it", self.path,
+                             self._files.direct_refused)
 
     def _write_with_retries(self, shared: lmdb_env.SharedEnv, items: list, deletes: list,
                             touched: dict, stale: list | None = None) -> tuple[list[BlockKey], list[BlockKey]] | None:

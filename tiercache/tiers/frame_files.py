@@ -34,10 +34,12 @@ process on one path shares one FrameFiles), as LMDB's environment is.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,13 @@ PTR_MAGIC = b"TCFF"
 ORPHAN_AGE_S = 600.0
 MAX_DEFERRED = 4096  # unlinks held back for this process's readers; past this they go anyway (a miss at worst)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+# O_DIRECT wants the buffer's address, the file offset and the length aligned to the device's logical
+# block (512 B or 4 KiB): 4 KiB covers both. A frame is copied into a page-aligned buffer of DIRECT_CHUNK
+# bytes at a time (one per writing thread), the last chunk padded with zeros, and the file cut back to
+# the frame's length afterwards.
+DIRECT_ALIGN = 4096
+DIRECT_CHUNK = 8 << 20
 
 
 _IOV_MAX = 1024  # buffers per preadv/writev call
@@ -68,6 +77,15 @@ def _consume(views: list[memoryview], n: int) -> None:
             views[done] = views[done][n:]
             n = 0
     del views[:done]
+
+
+def _write_all(fd: int, parts: list[memoryview], path: str) -> None:
+    """Buffered: writev straight from the frame's buffers (no copy of ours)."""
+    while parts:
+        n = os.writev(fd, parts[:_IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, f"writev wrote nothing to {path}")
+        _consume(parts, n)
 
 
 def pointer(frame_len: int, fid: int) -> bytes:
@@ -167,14 +185,22 @@ class FrameFiles:
         self._readers = 0
         self._deferred: list[str] = []
         self._made: set[str] = set()
+        # why O_DIRECT was refused on this store's filesystem (tmpfs, some FUSE and network file
+        # systems), once seen: later writes go buffered without asking again
+        self.direct_refused: str | None = None if _O_DIRECT else "this platform has no O_DIRECT"
+        self._bounce = threading.local()
 
     def path(self, key: bytes, fid: int) -> str:
         name = file_name(key, fid)
         return os.path.join(self.root, name[:2], name)
 
     # -- writes ------------------------------------------------------------------------------
-    def write(self, key: bytes, frame: Any) -> int:
-        """Write one frame to a new file; returns its file id. Raises OSError (nothing left behind)."""
+    def write(self, key: bytes, frame: Any, direct: bool = False) -> int:
+        """Write one frame to a new file; returns its file id. Raises OSError (nothing left behind).
+
+        direct: write with O_DIRECT (the bytes go from a private aligned buffer to the device, not
+        through the page cache, whose writeback otherwise paces the writer); where the filesystem
+        refuses O_DIRECT the write is buffered and `direct_refused` says why."""
         fid = int.from_bytes(os.urandom(8), "little") or 1
         path = self.path(key, fid)
         d = os.path.dirname(path)
@@ -190,17 +216,84 @@ class FrameFiles:
             self._mkdirs(d)
             fd = os.open(path, flags, FILE_MODE)
         try:
-            while parts:
-                n = os.writev(fd, parts[:_IOV_MAX])
-                if n <= 0:
-                    raise OSError(errno.EIO, f"writev wrote nothing to {path}")
-                _consume(parts, n)
+            if direct and self.direct_refused is None and self._set_direct(fd, True):
+                self._write_direct(fd, parts, path)
+            else:
+                _write_all(fd, parts, path)
         except BaseException:
             os.close(fd)
             self._remove(path)
             raise
         os.close(fd)
         return fid
+
+    def _set_direct(self, fd: int, on: bool) -> bool:
+        """Turn O_DIRECT on or off for `fd` (fcntl: a filesystem without it says EINVAL and the
+        descriptor stays as it was). Returns whether it is now as asked."""
+        import fcntl
+        try:
+            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, (fl | _O_DIRECT) if on else (fl & ~_O_DIRECT))
+        except OSError as e:
+            if on:
+                self.direct_refused = f"{os.strerror(e.errno) if e.errno else e} on {self.root}"
+            return False
+        return True
+
+    def _write_direct(self, fd: int, parts: list[memoryview], path: str) -> None:
+        """Write `parts` through this thread's two aligned buffers, DIRECT_CHUNK bytes at a time: one is
+        filled while a helper thread writes the other (the copy and the device's transfer overlap). The
+        last chunk is padded to DIRECT_ALIGN and the file cut back to the frame's length."""
+        local = self._bounce
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = [np.frombuffer(mmap.mmap(-1, DIRECT_CHUNK), dtype=np.uint8) for _ in range(2)]
+        buf, total, fill = bufs[0], 0, 0
+        pending: Future | None = None
+        try:
+            for p in parts:
+                src = np.frombuffer(p, dtype=np.uint8)
+                at = 0
+                while at < len(src):
+                    n = min(len(src) - at, DIRECT_CHUNK - fill)
+                    buf[fill:fill + n] = src[at:at + n]  # numpy copies without the GIL
+                    fill += n
+                    at += n
+                    if fill == DIRECT_CHUNK:
+                        if pending is not None:
+                            pending.result()  # writes stay in file order: one in flight
+                        pool = getattr(local, "pool", None)
+                        if pool is None:
+                            pool = local.pool = ThreadPoolExecutor(1, thread_name_prefix="tiercache-direct-write")
+                        pending = pool.submit(self._flush_direct, fd, buf, fill, path)
+                        total += fill
+                        fill = 0
+                        buf = bufs[1] if buf is bufs[0] else bufs[0]
+            if pending is not None:
+                pending.result()
+            if fill:
+                padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                buf[fill:padded] = 0
+                self._flush_direct(fd, buf, padded, path)
+                total += fill
+                if padded != fill:
+                    os.ftruncate(fd, total)
+        finally:
+            if pending is not None:
+                wait([pending])  # interrupted: the helper is done with fd before the caller closes it
+
+    def _flush_direct(self, fd: int, buf: np.ndarray, n: int, path: str) -> int:
+        """Write buf[:n] at the file's offset. A short direct write (a filesystem near full) leaves the
+        offset unaligned: the rest goes buffered."""
+        view = memoryview(buf)[:n]
+        while len(view):
+            got = os.write(fd, view)
+            if got <= 0:
+                raise OSError(errno.EIO, f"write wrote nothing to {path}")
+            view = view[got:]
+            if len(view) and got % DIRECT_ALIGN:
+                self._set_direct(fd, False)
+        return n
 
     def _mkdirs(self, d: str) -> None:
         for p in (self.root, d):  # both private (makedirs would give the parent the default mode)
