@@ -26,9 +26,11 @@ from tiercache.tools.bench.protocol import (
     BenchConfig,
     ParallelCopy,
     Rounds,
+    aligned_buffer,
     ratio_row,
     raw_read,
     raw_write,
+    raw_write_direct,
     realistic_kv,
     same_bytes,
     timed,
@@ -44,7 +46,8 @@ BOUNDS = {"host store": "memcpy store", "host load": "memcpy load", "disk store"
 # codec compression="auto" picks where decoding is fast enough (see tiers.disk_probe)
 CODEC_ROWS = {"none": ("disk store", "disk load, cold", "disk load, warm"),
               "byteplane": ("disk store, byteplane", "disk load, cold, byteplane", "disk load, warm, byteplane")}
-ROW_ORDER = ("memcpy store", "memcpy load", "host store", "host load", "raw file write", "raw file read, cold",
+ROW_ORDER = ("memcpy store", "memcpy load", "host store", "host load", "raw file write", "raw file write, O_DIRECT",
+             "raw file read, cold",
              "raw file read, warm", "disk store", "disk load, cold", "disk load, warm", "disk store, byteplane",
              "disk load, cold, byteplane", "disk load, warm, byteplane")
 LOOKUP_ROWS = ("lookup, host hit", "lookup, host hit (repeated)", "hashing only", "lookup, disk hit",
@@ -59,6 +62,7 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
     T = n * CHUNK_TOKENS
     dst = torch.empty_like(src)
     buf = torch.empty((n, *layout.block_shape), dtype=layout.dtype)
+    aligned = aligned_buffer(layout.block_bytes)  # the O_DIRECT raw write's buffer, a chunk's bytes
     rounds = Rounds(cfg, log)
     # the bound copies with as many threads as the cache's copy engine has, so it is not beaten by them
     copies = ParallelCopy(CacheConfig(layout=layout).io_threads)
@@ -74,9 +78,10 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
         dst.zero_()
         return ok
 
-    def pair(r: int, a: tuple, b: tuple) -> None:
-        """Time two (row, run, verify) entries back to back, alternating which goes first."""
-        for name, fn, verify in (a, b) if r % 2 == 0 else (b, a):
+    def pair(r: int, *entries: tuple) -> None:
+        """Time (row, run, verify) entries back to back, rotating which goes first from round to round."""
+        k = r % len(entries)
+        for name, fn, verify in entries[k:] + entries[:k]:
             seconds, out = timed(fn)
             rounds.record(name, seconds, bool(verify(out)))
 
@@ -121,7 +126,9 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
                     return got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0
                 if paired:
                     pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
-                         (store_row, disk_store, store_ok))
+                         (store_row, disk_store, store_ok),
+                         ("raw file write, O_DIRECT", lambda: raw_write_direct(raw_path, src, n, aligned),
+                          lambda direct: direct))
                 else:
                     seconds, got = timed(disk_store)
                     rounds.record(store_row, seconds, store_ok(got))
