@@ -359,7 +359,11 @@ def test_fault_between_frame_files_and_commit_leaves_no_file_and_serves_nothing_
 
     def frame_files() -> list:
         return [f for f in store.rglob("*") if f.is_file() and f.parent != store]
-    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0) as cache:
+    direct = site == "direct_write"
+    if direct and not takes_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    with make_cache(tmp_path, host_bytes=0, device_bytes=0, compression="none", disk_file_bytes=0,
+                    disk_direct_writes=direct) as cache:
         seen: list = []
         if site == "file_write":
             owner, name = FrameFiles, "write"
@@ -371,8 +375,6 @@ def test_fault_between_frame_files_and_commit_leaves_no_file_and_serves_nothing_
                 return real(self, key, frame, *a)
         elif site == "direct_write":
             owner, name = FrameFiles, "_flush_direct"
-            if not takes_direct(tmp_path):
-                pytest.skip("this filesystem refuses O_DIRECT")
 
             def failing(self, fd, *a):
                 seen.append(fd)

@@ -1014,7 +1014,7 @@ def test_direct_writes_fall_back_where_the_filesystem_refuses(tmp_path, monkeypa
     monkeypatch.setattr(fcntl, "fcntl", refusing)
     lay = KVLayout(**ROWS)
     cfg = CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path=tmp_path / "store", disk_bytes="64MiB",
-                      compression="none", disk_file_bytes=0)
+                      compression="none", disk_file_bytes=0, disk_direct_writes=True)
     with caplog.at_level(logging.WARNING, logger="tiercache"), TierCache(cfg) as c:
         kvs = [make_kv(lay, 32, seed=j) for j in range(2)]
         for j, kv in enumerate(kvs):

@@ -176,11 +176,11 @@ class CacheConfig:
     # frames at least this long are files of their own next to the LMDB index, written with one writev and
     # read with positional reads (raw-file speed); smaller ones stay inside LMDB. None: every frame in LMDB
     disk_file_bytes: Any = "256KiB"
-    # frame files are written with O_DIRECT: from an aligned buffer straight to the device, not through the
-    # page cache (whose writeback paces a buffered writer, and which would hold a second copy of blocks the
-    # host tier holds). Loads still read through the page cache. Where the filesystem refuses O_DIRECT
-    # (tmpfs, some network file systems) the writes are buffered, said once. False: always buffered
-    disk_direct_writes: bool = True
+    # True: frame files are written with O_DIRECT, from an aligned buffer straight to the device, not through
+    # the page cache (whose writeback paces a buffered writer): stores ran 2x faster and steadier on the
+    # bench's VM, but cold loads of those files ran ~20% slower there, so it is opt-in. Where the filesystem
+    # refuses O_DIRECT (some network file systems, older tmpfs) the writes are buffered, said once
+    disk_direct_writes: bool = False
     io_threads: int = 2
     # integrations that can load in the background (the vLLM connector) do so for a request whose blocks to
     # bring up from disk or remote exceed this; 0: always, None: never (loads finish before the forward)
