@@ -42,13 +42,13 @@ def _disk_vs_lmcache(result: dict, op: str) -> tuple[float, str] | None:
     best = max(theirs, key=lambda r: r["median"])
     # also the ratio of each side's ratio to its own same-round raw-file bound (cancels the drift between processes)
     bound_ratio = ours["ratio"] / best["ratio"]
-    direct = rows.get("raw file write, O_DIRECT") if op == "store" else None
-    return ours["median"] / best["median"], (f"{ours['median']:.2f} vs {best['median']:.2f} GB/s "
-                                             f"({best['row'].removeprefix('LMCache ')}); "
-                                             f"{bound_ratio:.2f}x on ratios to the raw-file bound"
-                                             + (f"; a raw O_DIRECT write {direct['median']:.2f} GB/s" if direct
-                                                else ""))
-
+    text = (f"{ours['median']:.2f} vs {best['median']:.2f} GB/s ({best['row'].removeprefix('LMCache ')}); "
+            f"{bound_ratio:.2f}x on ratios to the raw-file bound")
+    direct, raw_direct = rows.get("disk store, O_DIRECT"), rows.get("raw file write, O_DIRECT")
+    if op == "store" and direct is not None and raw_direct is not None:
+        text += (f"; with disk_direct_writes=True {direct['median']:.2f} GB/s "
+                 f"({direct['median'] / best['median']:.2f}x; a raw O_DIRECT write {raw_direct['median']:.2f} GB/s)")
+    return ours["median"] / best["median"], text
 
 def _decode_bound(result: dict, rows: dict, temp: str) -> tuple[float, str] | None:
     """Compressed loads against what they could reach here: reading the frames (a raw read of that many

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from tiercache.tools.bench.protocol import (
 )
 
 BOUNDS = {"host store": "memcpy store", "host load": "memcpy load", "disk store": "raw file write",
+          "disk store, O_DIRECT": "raw file write, O_DIRECT",
           "disk load, cold": "raw file read, cold", "disk load, warm": "raw file read, warm",
           "disk store, byteplane": "raw file write", "disk load, cold, byteplane": "raw file read, cold",
           "disk load, warm, byteplane": "raw file read, warm"}
@@ -47,9 +49,8 @@ BOUNDS = {"host store": "memcpy store", "host load": "memcpy load", "disk store"
 CODEC_ROWS = {"none": ("disk store", "disk load, cold", "disk load, warm"),
               "byteplane": ("disk store, byteplane", "disk load, cold, byteplane", "disk load, warm, byteplane")}
 ROW_ORDER = ("memcpy store", "memcpy load", "host store", "host load", "raw file write", "raw file write, O_DIRECT",
-             "raw file read, cold",
-             "raw file read, warm", "disk store", "disk load, cold", "disk load, warm", "disk store, byteplane",
-             "disk load, cold, byteplane", "disk load, warm, byteplane")
+             "raw file read, cold", "raw file read, warm", "disk store", "disk store, O_DIRECT", "disk load, cold",
+             "disk load, warm", "disk store, byteplane", "disk load, cold, byteplane", "disk load, warm, byteplane")
 LOOKUP_ROWS = ("lookup, host hit", "lookup, host hit (repeated)", "hashing only", "lookup, disk hit",
                "lookup, disk hit (repeated)")
 
@@ -68,9 +69,11 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
     copies = ParallelCopy(CacheConfig(layout=layout).io_threads)
     host = TierCache(CacheConfig(layout=layout, model_id="bench", host_bytes=n * layout.block_bytes))
     raw_path, lmdb_path = os.path.join(workdir, "raw.bin"), os.path.join(workdir, "lmdb")
+    direct_path = os.path.join(workdir, "lmdb-direct")
     disk_cfgs = {c: CacheConfig(layout=layout, model_id="bench", host_bytes=0, disk_path=lmdb_path,
                                 disk_bytes=2 * cfg.nbytes + (64 << 20), write_queue_blocks=max(n, 16), compression=c)
                  for c in CODEC_ROWS}
+    direct_cfg = replace(disk_cfgs["none"], disk_path=direct_path, disk_direct_writes=True)
 
     def loaded(got: object = None) -> bool:
         """Verify (outside the clock) that dst holds the source bytes, then clear it for the next run."""
@@ -109,6 +112,17 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
         seconds, keys = timed(lambda: host.keys(tokens))
         rounds.record("hashing only", seconds / n * 1e6, len(keys) == n, rounds.lookup_us)
 
+    def storing(cache: TierCache, tokens: np.ndarray) -> tuple[Callable[[], int], Callable[[object], bool]]:
+        """A disk store (its clock stops when the frames are committed: page cache, no fsync) and its check."""
+        def run() -> int:
+            got = cache.store(tokens, src)
+            cache.flush()
+            return got
+
+        def ok(got: object) -> bool:
+            return got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0
+        return run, ok
+
     def disk_probe(r: int) -> None:
         """compression none, timed next to the raw-file rows; then byteplane (its bounds: the raw rows of this
         round, and the decode rate measured with the footprint)."""
@@ -117,21 +131,19 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
             paired = codec == "none"
             shutil.rmtree(lmdb_path, ignore_errors=True)
             with TierCache(disk_cfgs[codec]) as cache:
-                def disk_store() -> int:
-                    got = cache.store(tokens, src)
-                    cache.flush()  # the clock stops when the frames are committed (page cache, no fsync)
-                    return got
-
-                def store_ok(got: object) -> bool:
-                    return got == T and cache.stats()["dropped_writes"].get("disk", 0) == 0
-                if paired:
-                    pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
-                         (store_row, disk_store, store_ok),
-                         ("raw file write, O_DIRECT", lambda: raw_write_direct(raw_path, src, n, aligned),
-                          lambda direct: direct))
+                if paired:  # the default next to the raw writes, and the same store with disk_direct_writes=True
+                    shutil.rmtree(direct_path, ignore_errors=True)
+                    with TierCache(direct_cfg) as direct:
+                        pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
+                             (store_row, *storing(cache, tokens)),
+                             ("raw file write, O_DIRECT", lambda: raw_write_direct(raw_path, src, n, aligned),
+                              lambda direct: direct),
+                             ("disk store, O_DIRECT", *storing(direct, tokens)))
+                    shutil.rmtree(direct_path, ignore_errors=True)
                 else:
-                    seconds, got = timed(disk_store)
-                    rounds.record(store_row, seconds, store_ok(got))
+                    run, ok = storing(cache, tokens)
+                    seconds, got = timed(run)
+                    rounds.record(store_row, seconds, ok(got))
             files = [raw_path, *store_files(lmdb_path)] if paired else store_files(lmdb_path)
             rounds.cold(files)  # the environment is closed: nothing maps it
             with TierCache(disk_cfgs[codec]) as cache:
