@@ -1,4 +1,5 @@
-"""Large frames as files next to the LMDB index: written with one writev, read with positional reads.
+"""Large frames as files next to the LMDB index: written with one writev (or through an aligned buffer with
+O_DIRECT, `disk_direct_writes=True`), read with positional reads.
 
 A frame of at least `file_min_bytes` (default 256 KiB: a 16-token block of an 8-layer model is
 already above it) is not put into LMDB. It goes to its own file, and LMDB's `blocks` row for the
@@ -34,6 +35,7 @@ process on one path shares one FrameFiles), as LMDB's environment is.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -55,9 +57,9 @@ MAX_DEFERRED = 4096  # unlinks held back for this process's readers; past this t
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # O_DIRECT wants the buffer's address, the file offset and the length aligned to the device's logical
-# block (512 B or 4 KiB): 4 KiB covers both. A frame is copied into a page-aligned buffer of DIRECT_CHUNK
-# bytes at a time (one per writing thread), the last chunk padded with zeros, and the file cut back to
-# the frame's length afterwards.
+# block (512 B or 4 KiB): 4 KiB covers both. A frame is copied DIRECT_CHUNK bytes at a time into one of two
+# page-aligned buffers (kept by each writing thread: 16 MiB), the last piece padded with zeros, and the
+# file cut back to the frame's length afterwards.
 DIRECT_ALIGN = 4096
 DIRECT_CHUNK = 8 << 20
 
@@ -230,7 +232,6 @@ class FrameFiles:
     def _set_direct(self, fd: int, on: bool) -> bool:
         """Turn O_DIRECT on or off for `fd` (fcntl: a filesystem without it says EINVAL and the
         descriptor stays as it was). Returns whether it is now as asked."""
-        import fcntl
         try:
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, (fl | _O_DIRECT) if on else (fl & ~_O_DIRECT))
@@ -282,7 +283,7 @@ class FrameFiles:
             if pending is not None:
                 wait([pending])  # interrupted: the helper is done with fd before the caller closes it
 
-    def _flush_direct(self, fd: int, buf: np.ndarray, n: int, path: str) -> int:
+    def _flush_direct(self, fd: int, buf: np.ndarray, n: int, path: str) -> None:
         """Write buf[:n] at the file's offset. A short direct write (a filesystem near full) leaves the
         offset unaligned: the rest goes buffered."""
         view = memoryview(buf)[:n]
@@ -293,7 +294,6 @@ class FrameFiles:
             view = view[got:]
             if len(view) and got % DIRECT_ALIGN:
                 self._set_direct(fd, False)
-        return n
 
     def _mkdirs(self, d: str) -> None:
         for p in (self.root, d):  # both private (makedirs would give the parent the default mode)
