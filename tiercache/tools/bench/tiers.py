@@ -125,21 +125,15 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
 
     def disk_probe(r: int) -> None:
         """compression none, timed next to the raw-file rows; then byteplane (its bounds: the raw rows of this
-        round, and the decode rate measured with the footprint)."""
+        round, and the decode rate measured with the footprint); then the store with O_DIRECT writes."""
         tokens = token_ids(cfg.seed, T, salt=2000 + r)
         for codec, (store_row, cold_row, warm_row) in CODEC_ROWS.items():
             paired = codec == "none"
             shutil.rmtree(lmdb_path, ignore_errors=True)
             with TierCache(disk_cfgs[codec]) as cache:
-                if paired:  # the default next to the raw writes, and the same store with disk_direct_writes=True
-                    shutil.rmtree(direct_path, ignore_errors=True)
-                    with TierCache(direct_cfg) as direct:
-                        pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
-                             (store_row, *storing(cache, tokens)),
-                             ("raw file write, O_DIRECT", lambda: raw_write_direct(raw_path, src, n, aligned),
-                              lambda direct: direct),
-                             ("disk store, O_DIRECT", *storing(direct, tokens)))
-                    shutil.rmtree(direct_path, ignore_errors=True)
+                if paired:
+                    pair(r, ("raw file write", lambda: raw_write(raw_path, src, n), lambda _: True),
+                         (store_row, *storing(cache, tokens)))
                 else:
                     run, ok = storing(cache, tokens)
                     seconds, got = timed(run)
@@ -156,8 +150,15 @@ def measure_tiers(cfg: BenchConfig, src: torch.Tensor, workdir: str, log: Callab
                         rounds.record(row, seconds, loaded(got))
                 if paired:
                     lookup_rows(cache, tokens, "disk")
+        # last, so that the loads above follow the same writes as before: the store with disk_direct_writes=True,
+        # next to a raw O_DIRECT write of the same bytes
+        shutil.rmtree(direct_path, ignore_errors=True)
+        with TierCache(direct_cfg) as direct:
+            pair(r, ("raw file write, O_DIRECT", lambda: raw_write_direct(raw_path, src, n, aligned), lambda ok: ok),
+                 ("disk store, O_DIRECT", *storing(direct, tokens)))
         os.unlink(raw_path)
         shutil.rmtree(lmdb_path, ignore_errors=True)
+        shutil.rmtree(direct_path, ignore_errors=True)
 
     try:
         rounds.run([host_probe, disk_probe])
