@@ -162,7 +162,7 @@ def stored_frame(path, key: bytes) -> bytes:
 
 
 def takes_direct(path) -> bool:
-    """Whether the filesystem of `path` takes O_DIRECT (the disk tier's frame-file writes ask for it)."""
+    """Whether the filesystem of `path` takes O_DIRECT (what disk_direct_writes=True asks of it)."""
     import fcntl
     probe = os.path.join(str(path), ".direct-probe")
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)

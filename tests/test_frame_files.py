@@ -756,11 +756,16 @@ def test_frame_files_fill_the_filesystem(tmpfs, caplog):
     disk.close()
 
 
-def test_a_cache_with_frame_files_on_a_full_filesystem(tmpfs, layout, caplog):
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_a_cache_with_frame_files_on_a_full_filesystem(tmpfs, layout, caplog, direct):
+    """Frame files written buffered and with O_DIRECT (disk_direct_writes=True) onto a real 2 MiB tmpfs: a
+    write that finds it full evicts and retries, every load is exact or a miss, nothing is left behind."""
     mnt = tmpfs("2m")
+    if direct and not takes_direct(mnt):
+        pytest.skip("this tmpfs refuses O_DIRECT")
     lay = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, block_size=16)
     cfg = CacheConfig(layout=lay, model_id="m", host_bytes=0, disk_path=mnt / "store", disk_bytes="64MiB",
-                      compression="none", disk_file_bytes=0)
+                      compression="none", disk_file_bytes=0, disk_direct_writes=direct)
     kvs = {}
     with caplog.at_level(logging.WARNING, logger="tiercache"), TierCache(cfg) as c:
         for j in range(40):                                             # 40 x 4 x 16 KiB = 2.5 MiB into 2
@@ -775,6 +780,8 @@ def test_a_cache_with_frame_files_on_a_full_filesystem(tmpfs, layout, caplog):
         assert same_bytes(c.load(list(range(39000, 39064))), kvs[39])   # the newest: all of it
         s = c.stats()
         assert s["evictions"]["disk"] > 0 and s["errors"]["disk"].get("store", 0) >= 1
+        assert set(files_on_disk(mnt / "store")) <= referenced(pointers(c.disk))  # no file of a failed write
+        assert c.disk._files.direct_refused is None
     assert len(_log_lines(caplog, "is full")) == 1
 
 

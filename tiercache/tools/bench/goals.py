@@ -50,6 +50,7 @@ def _disk_vs_lmcache(result: dict, op: str) -> tuple[float, str] | None:
                  f"({direct['median'] / best['median']:.2f}x; a raw O_DIRECT write {raw_direct['median']:.2f} GB/s)")
     return ours["median"] / best["median"], text
 
+
 def _decode_bound(result: dict, rows: dict, temp: str) -> tuple[float, str] | None:
     """Compressed loads against what they could reach here: reading the frames (a raw read of that many
     compressed bytes delivers ratio times the raw bytes) or decoding them on every core, whichever is less."""
