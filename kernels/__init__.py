@@ -23,22 +23,26 @@ import sys as _sys
 if __name__ == "kernels":
     # Imported as a top-level `kernels`: this folder's parent is on sys.path (the repository root, under
     # `python -m pytest` or `python -m ...` run there), so the folder shadows PyPI's `kernels`, which
-    # transformers >= 5.25 imports. Hand the name over to that package. This folder's import name is
-    # tiercache_kernels (pyproject.toml maps it).
+    # transformers imports (a dependency from 5.25; probed for before). Behave as a folder without
+    # __init__.py would, a namespace portion: a regular `kernels` package elsewhere on sys.path is
+    # loaded in its place; without one the name is an empty namespace (no __file__, no __version__:
+    # what transformers' probe reads as "not installed"). This folder's import name is tiercache_kernels.
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
+    import types as _types
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _spec = _machinery.PathFinder.find_spec(
         "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
     if _spec is None or _spec.loader is None:
-        del _sys.modules["kernels"]
-        raise ModuleNotFoundError("No module named 'kernels' (the kernels/ folder of tiercache is "
-                                  "tiercache_kernels)", name="kernels")
-    _real = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _real  # the import statement returns what sys.modules holds once this ends
-    _spec.loader.exec_module(_real)
+        _real = _types.ModuleType("kernels")
+        _real.__path__ = []
+        _sys.modules["kernels"] = _real  # the import statement returns what sys.modules holds once this ends
+    else:
+        _real = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _real
+        _spec.loader.exec_module(_real)
 else:
     from .api import IMPLS, LAYOUTS, _triton_available, block_shape, describe, gather, scatter  # noqa: F401
 

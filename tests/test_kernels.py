@@ -12,6 +12,7 @@ process they are skipped unless the variable is already set.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -226,27 +227,26 @@ def test_pyproject_lists_every_tiercache_package():
     assert cfg["package-dir"]["tiercache_kernels"] == "kernels"
 
 
-def test_the_kernels_folder_does_not_shadow_pypi_kernels():
+@pytest.mark.parametrize("site", [True, False], ids=["site-packages", "no-site-packages"])
+def test_the_kernels_folder_does_not_shadow_pypi_kernels(site):
     """Run from the repository root (`python -m pytest`, `python -m tiercache`), the kernels/ folder is
-    importable as a top-level `kernels`, the name of a PyPI package that transformers imports: it hands
-    that name over to the installed package (or says there is none) and stays tiercache_kernels itself."""
-    code = ("try:\n"
-            "    import kernels\n"
-            "except ModuleNotFoundError as e:\n"
-            "    print('none', e.name)\n"
-            "else:\n"
-            "    print('found', kernels.__file__)\n"
-            "import tiercache_kernels\n"
-            "print('ours', tiercache_kernels.__file__, callable(tiercache_kernels.gather))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    importable as a top-level `kernels`, the name of a PyPI package that transformers imports (or probes
+    for). It acts as a folder without __init__.py would: the installed package is loaded in its place; with
+    none (`python -S`: no site-packages), the name is an empty namespace, which transformers' probe reads as
+    not installed. Either way nothing of ours is under that name."""
+    code = ("import kernels\n"
+            "print(getattr(kernels, '__file__', None))\n"
+            "print(hasattr(kernels, 'gather'), hasattr(kernels, '__version__'))\n")
+    r = subprocess.run([sys.executable, *([] if site else ["-S"]), "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    first, ours = r.stdout.splitlines()
-    if first.startswith("found"):
-        assert not first.split(" ", 1)[1].startswith(str(ROOT / "kernels")), first
-        assert "site-packages" in first or "dist-packages" in first, first
+    where, attrs = r.stdout.splitlines()
+    if site and importlib.util.find_spec("kernels") is not None and where != "None":  # PyPI's, installed
+        assert not where.startswith(str(ROOT / "kernels")) and "-packages" in where, where
+        assert attrs.startswith("False"), attrs
     else:
-        assert first == "none kernels", first
-    assert ours.startswith(f"ours {ROOT / 'kernels'}") and ours.endswith("True"), ours
+        assert (where, attrs) == ("None", "False False"), r.stdout
+    assert callable(tk.gather) and Path(tk.__file__).parent == ROOT / "kernels"
 
 
 # -- the Triton kernel, through Triton's interpreter --------------------------------------------------
