@@ -80,6 +80,36 @@ def test_every_single_byte_flip_is_detected(compression):
     assert wrong == 0
 
 
+def test_one_raw_segment_from_memory_takes_the_short_path_with_the_same_checks(monkeypatch):
+    """An uncompressed one-segment frame decoded from memory into one array skips the general per-segment
+    loop (the common small block). Flip each byte in turn: it refuses or returns exact bytes exactly when
+    the general path (the same frame decoded into rows) does."""
+    raw = block_bytes(torch.bfloat16, layers=2)[:2048]
+    c = BlockCodec("fp", 2, 2, "none")
+    general: list[int] = []
+    real = BlockCodec._decode_segment
+    monkeypatch.setattr(BlockCodec, "_decode_segment", lambda self, *a: general.append(1) or real(self, *a))
+
+    def outcome(frame: bytes, rows: bool) -> str:
+        out = np.zeros(len(raw), dtype=np.uint8)
+        try:
+            c.decode_into(frame, [[out[:1024]], [out[1024:]]] if rows else out, key=K)
+        except CorruptFrame:
+            return "refused"
+        return "exact" if np.array_equal(out, raw) else "WRONG"
+    frame = bytearray(c.encode(raw, K))
+    assert outcome(bytes(frame), rows=False) == "exact" and not general       # the short path
+    assert outcome(bytes(frame), rows=True) == "exact" and general == [1]     # the general one
+    for pos in range(len(frame)):
+        frame[pos] ^= 0x5A
+        short, full = outcome(bytes(frame), rows=False), outcome(bytes(frame), rows=True)
+        assert short == full != "WRONG", (pos, short, full)
+        frame[pos] ^= 0x5A
+    out = np.zeros(len(raw), dtype=np.uint8)
+    c.decode_into(bytes(frame), out, range(1, 2), key=K)                       # not layer 0: nothing to do
+    assert not out.any()
+
+
 def test_truncation_extension_and_garbage():
     raw = block_bytes(torch.float16)
     c = codec_for(torch.float16)

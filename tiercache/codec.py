@@ -206,7 +206,7 @@ class BlockCodec:
         magic, version, codec, itemsize, _, lfp, raw_len, table_sum, fkey, nseg, hcrc = _HEAD.unpack_from(head, 0)
         if magic != MAGIC:
             raise CorruptFrame("bad magic")
-        if xxhash.xxh32_intdigest(bytes(head[:_HEAD.size - 4])) != hcrc:
+        if xxhash.xxh32_intdigest(head[:_HEAD.size - 4]) != hcrc:
             raise CorruptFrame("header checksum mismatch")
         if version != FORMAT_VERSION:
             raise CorruptFrame(f"unsupported format version {version}")
@@ -315,6 +315,17 @@ class BlockCodec:
         else:
             src = memoryview(frame)
             codec, seed, entries = self._parse(src, raw_len, key)
+            if (codec == CODEC_NONE and len(entries) == 1 and type(out) is np.ndarray
+                    and (layers is None or 0 in layers)):
+                # the common small block (one raw segment, in memory, into one array): the same checks as
+                # the general path below, without its per-segment bookkeeping
+                n, seg_sum = entries[0]
+                if n != raw_len:
+                    raise CorruptFrame("raw segment length mismatch")
+                out[:] = np.frombuffer(src, dtype=np.uint8, count=n, offset=HEADER_BYTES + _ENTRY.size)
+                if xxhash.xxh3_64_intdigest(out, seed=seed & _SEED_MASK) != seg_sum:
+                    raise CorruptFrame("checksum mismatch in layer 0")
+                return
         if len(entries) == 1 and self.num_segments > 1:
             # a one-segment frame belongs to whoever asks for layer 0
             wanted = [0] if layers is None or 0 in layers else []
