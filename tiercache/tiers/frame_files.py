@@ -242,43 +242,43 @@ class FrameFiles:
         return True
 
     def _write_direct(self, fd: int, parts: list[memoryview], path: str) -> None:
-        """Write `parts` through this thread's two aligned buffers, DIRECT_CHUNK bytes at a time: one is
+        """Write `parts` through this thread's two aligned buffers, a buffer's length at a time: one is
         filled while a helper thread writes the other (the copy and the device's transfer overlap). The
-        last chunk is padded to DIRECT_ALIGN and the file cut back to the frame's length."""
+        last piece is padded to DIRECT_ALIGN and the file cut back to the frame's length."""
         local = self._bounce
         bufs = getattr(local, "bufs", None)
         if bufs is None:
             bufs = local.bufs = [np.frombuffer(mmap.mmap(-1, DIRECT_CHUNK), dtype=np.uint8) for _ in range(2)]
-        buf, total, fill = bufs[0], 0, 0
+        chunk = len(bufs[0])
+        buf, fill = bufs[0], 0
         pending: Future | None = None
         try:
             for p in parts:
                 src = np.frombuffer(p, dtype=np.uint8)
                 at = 0
                 while at < len(src):
-                    n = min(len(src) - at, DIRECT_CHUNK - fill)
+                    n = min(len(src) - at, chunk - fill)
                     buf[fill:fill + n] = src[at:at + n]  # numpy copies without the GIL
                     fill += n
                     at += n
-                    if fill == DIRECT_CHUNK:
+                    if fill == chunk:
                         if pending is not None:
                             pending.result()  # writes stay in file order: one in flight
                         pool = getattr(local, "pool", None)
                         if pool is None:
                             pool = local.pool = ThreadPoolExecutor(1, thread_name_prefix="tiercache-direct-write")
                         pending = pool.submit(self._flush_direct, fd, buf, fill, path)
-                        total += fill
                         fill = 0
                         buf = bufs[1] if buf is bufs[0] else bufs[0]
             if pending is not None:
                 pending.result()
+                pending = None
             if fill:
                 padded = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
                 buf[fill:padded] = 0
                 self._flush_direct(fd, buf, padded, path)
-                total += fill
                 if padded != fill:
-                    os.ftruncate(fd, total)
+                    os.ftruncate(fd, sum(len(p) for p in parts))
         finally:
             if pending is not None:
                 wait([pending])  # interrupted: the helper is done with fd before the caller closes it
